@@ -1,0 +1,37 @@
+"""Shared fixtures: real brain images shipped by installed packages, and known motion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["NIPYPE_NO_ET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def mni_template():
+    """nilearn's MNI152 2009c template at 2 mm: (data float32, affine)."""
+    from nilearn.datasets import load_mni152_template
+
+    img = load_mni152_template(resolution=2)
+    return np.asarray(img.get_fdata(), dtype=np.float32), img.affine
+
+
+def coarse_grid(template_shape, template_affine, voxel_mm, anisotropy=(1.0, 1.0, 1.0)):
+    """A coarser (optionally anisotropic) grid covering the template: (shape, affine)."""
+    spacing = np.asarray(anisotropy, dtype=float) * voxel_mm
+    step = spacing / 2.0
+    shape = tuple(int(n) for n in np.floor((np.asarray(template_shape) - 1) / step) + 1)
+    affine = np.asarray(template_affine, dtype=float) @ np.diag(np.append(step, 1.0))
+    return shape, affine
+
+
+def shared_data() -> Path:
+    """The real-data folder named by UNIMO_TEST_DATA, or skip the test."""
+    folder = os.environ.get("UNIMO_TEST_DATA")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("UNIMO_TEST_DATA is not set to the shared data folder")
+    return Path(folder)

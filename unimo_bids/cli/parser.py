@@ -1,0 +1,161 @@
+"""Command-line parser (fMRIPrep / MRIQC conventions)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from .. import __version__
+
+
+class UsageError(Exception):
+    """A problem with the command line or the paths it names; the message is one line."""
+
+
+_MEM_UNITS = {"": 1.0, "k": 1 / 1024**2, "m": 1 / 1024, "g": 1.0, "t": 1024.0}
+
+
+def parse_memory_gb(value: str) -> float:
+    """'16', '16G', '16GB', '16000MB' -> GB (a bare number is GB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"--mem: cannot read {value!r} as an amount of memory "
+                                         "(e.g. 16GB or 16000MB)")
+    return float(match.group(1)) * _MEM_UNITS[match.group(2).lower()]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return number
+
+
+def _hmc_ref(value: str) -> str:
+    if value in ("auto", "first", "middle", "mean") or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError("must be auto, first, middle, mean or a volume index")
+
+
+def _device(value: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        return value
+    raise argparse.ArgumentTypeError("must be auto, cpu, cuda or cuda:N")
+
+
+def clean_label(label: str, what: str = "participant") -> str:
+    """Strip a 'sub-'/'ses-' prefix and refuse labels that are empty or not alphanumeric
+    (which also refuses path separators and '..')."""
+    prefix = {"participant": "sub-", "session": "ses-"}[what]
+    cleaned = label[len(prefix):] if label.startswith(prefix) else label
+    if not cleaned:
+        raise UsageError(f"empty {what} label {label!r}")
+    if "/" in cleaned or "\\" in cleaned or ".." in cleaned:
+        raise UsageError(f"{what} label {label!r} contains a path separator or '..'")
+    if not re.fullmatch(r"[0-9a-zA-Z]+", cleaned):
+        raise UsageError(f"{what} label {label!r} is not a BIDS label (letters and digits only)")
+    return cleaned
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unimo-bids",
+        description="UniMo motion correction of BIDS datasets, with BIDS-Derivatives outputs. "
+                    "Run with --demo to try it on a built-in dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", nargs="?", type=Path,
+                        help="the root folder of a BIDS dataset")
+    parser.add_argument("output_dir", nargs="?", type=Path,
+                        help="where derivatives and reports are written")
+    parser.add_argument("analysis_level", nargs="?", choices=["participant", "group"],
+                        help="participant: correct each subject; group: collect QC across runs")
+    parser.add_argument("--version", action="version", version=f"unimo-bids {__version__}")
+    parser.add_argument("--demo", nargs="?", const=Path("unimo-demo"), type=Path, metavar="DIR",
+                        help="build a small dataset with known simulated motion in DIR "
+                             "(default ./unimo-demo), run both levels and report the error")
+
+    g_bids = parser.add_argument_group("Selecting data")
+    g_bids.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
+                        metavar="LABEL", help="subjects to process (with or without 'sub-')")
+    g_bids.add_argument("--session-label", nargs="+", default=None, metavar="LABEL",
+                        help="sessions to process (with or without 'ses-')")
+    g_bids.add_argument("-t", "--task-id", nargs="+", default=None, metavar="TASK",
+                        help="tasks to process")
+    g_bids.add_argument("--bids-filter-file", type=Path, default=None, metavar="FILE",
+                        help="JSON of pybids filters, e.g. {\"bold\": {\"run\": 1}}")
+    g_bids.add_argument("--skip-bids-validation", action="store_true",
+                        help="do not check that input file names follow BIDS")
+
+    g_perf = parser.add_argument_group("Resources")
+    g_perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                        help="intermediate results, reused when a run is repeated")
+    g_perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
+                        help="processes run at once (1 runs nodes one after the other)")
+    g_perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                        help="threads per process (default: --nprocs)")
+    g_perf.add_argument("--mem", "--mem-gb", type=parse_memory_gb, default=None,
+                        metavar="MEMORY", help="memory limit, e.g. 16GB (a bare number is GB)")
+    g_perf.add_argument("--use-plugin", type=Path, default=None, metavar="FILE",
+                        help="nipype plugin YAML: {plugin: MultiProc, plugin_args: {...}}")
+    g_perf.add_argument("--device", type=_device, default="auto",
+                        help="torch device: auto, cpu, cuda or cuda:N")
+    g_perf.add_argument("--stop-on-first-crash", action="store_true",
+                        help="stop at the first failing node instead of finishing other runs")
+
+    g_hmc = parser.add_argument_group("Motion correction")
+    g_hmc.add_argument("--hmc-ref", type=_hmc_ref, default="auto",
+                       help="reference: auto (low-motion volume near the median), first, "
+                            "middle, mean, or a volume index")
+    g_hmc.add_argument("--dummy-scans", type=_non_negative_int, default=None, metavar="N",
+                       help="leading non-steady-state volumes (default: detected)")
+    g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",
+                       help="seed for every random choice")
+
+    g_conf = parser.add_argument_group("Confounds")
+    g_conf.add_argument("--fd-radius", type=_positive_float, default=50.0, metavar="MM",
+                        help="head radius for framewise displacement (mm)")
+    g_conf.add_argument("--fd-spike-threshold", type=_positive_float, default=0.5, metavar="MM",
+                        help="FD above which a volume is a motion outlier")
+    g_conf.add_argument("--dvars-spike-threshold", type=_positive_float, default=1.5,
+                        help="standardised DVARS above which a volume is a motion outlier")
+
+    g_out = parser.add_argument_group("Outputs and logging")
+    g_out.add_argument("--boilerplate-only", "--boilerplate", action="store_true",
+                       help="write the methods text (logs/CITATION.md) and stop")
+    g_out.add_argument("--reports-only", action="store_true",
+                       help="rebuild the HTML reports from existing derivatives")
+    g_out.add_argument("--write-graph", action="store_true",
+                       help="write the workflow graph (graphviz .dot, and .svg when 'dot' is "
+                            "installed) to the work directory")
+    g_out.add_argument("--notrack", action="store_true",
+                       help="accepted for fMRIPrep compatibility: unimo-bids never sends usage "
+                            "data, and sets NIPYPE_NO_ET=1")
+    g_out.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more log output (-vv for debug)")
+    return parser

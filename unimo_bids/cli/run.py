@@ -1,0 +1,257 @@
+"""The ``unimo-bids`` entry point: participant level, group level and the demo."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from .. import __version__
+from .parser import UsageError, build_parser
+
+LOGGER = logging.getLogger("unimo_bids")
+
+
+def _setup_logging(verbosity: int) -> None:
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [unimo-bids] %(levelname)s: "
+                                               "%(message)s", datefmt="%H:%M:%S"))
+        LOGGER.addHandler(handler)
+        LOGGER.propagate = False
+    LOGGER.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    if verbosity == 0:
+        warnings.filterwarnings("ignore")
+    from nipype import config, logging as nlogging
+
+    # nipype's own tracebacks go to crash files; the summary below names each failure.
+    level = {0: "CRITICAL", 1: "INFO"}.get(verbosity, "DEBUG")
+    config.update_config({"logging": {"workflow_level": level, "interface_level": level,
+                                      "utils_level": level}})
+    nlogging.update_logging(config)
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; refuse CUDA that is not there."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: CUDA is not available (torch "
+                             f"{torch.__version__} sees no GPU); use --device cpu")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s)")
+    return requested
+
+
+def plugin_settings(args, progress_callback=None) -> dict:
+    """Nipype plugin and its arguments from --use-plugin, --nprocs and --mem."""
+    if args.use_plugin is not None:
+        import yaml
+
+        try:
+            settings = yaml.safe_load(Path(args.use_plugin).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{args.use_plugin}: the plugin file does not exist") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UsageError(f"{args.use_plugin}: not valid YAML ({err})") from None
+        if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str) \
+                or not isinstance(settings.get("plugin_args", {}), dict):
+            raise UsageError(f"{args.use_plugin}: expected 'plugin: NAME' and an optional "
+                             "'plugin_args:' mapping")
+        settings.setdefault("plugin_args", {})
+    elif args.nprocs == 1:
+        settings = {"plugin": "Linear", "plugin_args": {}}
+    else:
+        settings = {"plugin": "MultiProc",
+                    "plugin_args": {"n_procs": args.nprocs, "raise_insufficient": False}}
+    if args.mem is not None and settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
+        settings["plugin_args"].setdefault("memory_gb", args.mem)
+    if progress_callback is not None and settings["plugin"] in ("Linear", "MultiProc",
+                                                                 "LegacyMultiProc"):
+        settings["plugin_args"]["status_callback"] = progress_callback
+    return settings
+
+
+class Progress:
+    """A tqdm bar over finished workflow nodes (nipype's status_callback)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="unimo-bids", disable=not enabled,
+                        file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+    def __call__(self, node, status):
+        if status in ("end", "exception"):
+            self.bar.update(1)
+            self.bar.set_postfix_str(node.fullname.split(".", 1)[-1][-50:], refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def collect_crashes(crash_dir: Path, runs) -> dict[str, list[str]]:
+    """One-line messages per subject from nipype crash files of this invocation."""
+    from nipype.utils.filemanip import loadcrash
+
+    from ..workflows.bold import series_workflow_name
+
+    by_workflow = {f"sub_{run.subject}_wf.{series_workflow_name(run.path)}": run for run in runs}
+    errors: dict[str, list[str]] = {}
+    for crashfile in sorted(crash_dir.glob("crash-*.pklz")):
+        crash = loadcrash(str(crashfile))
+        node = str(crash.get("node", ""))
+        lines = [line.strip() for line in "".join(crash.get("traceback", [])).splitlines()
+                 if line.strip()]
+        last = lines[-1] if lines else "unknown error"
+        # 'package.module.SeriesError: <file>: <problem>' -> '<file>: <problem>'
+        kind, _, detail = last.partition(": ")
+        message = detail if detail and kind.rsplit(".", 1)[-1] == "SeriesError" else last
+        run = next((r for key, r in by_workflow.items() if key in node), None)
+        subject = run.subject if run else "unknown"
+        if run is not None and run.path not in message:
+            message = f"{run.path}: step {node.rsplit('.', 1)[-1]} failed: {message}"
+        errors.setdefault(subject, []).append(f"{message} (details: {crashfile})")
+    return errors
+
+
+def run_participant(args) -> int:
+    from ..workflows.base import WorkflowOptions, init_unimo_bids_wf
+    from .bids import check_dataset, check_paths, collect_runs, load_filters, write_dataset_files
+    from .reports import build_reports
+
+    bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
+    work_dir = args.work_dir.absolute()
+    check_dataset(bids_dir)
+    check_paths(bids_dir, output_dir, work_dir)
+    if args.reports_only:
+        return build_reports(args, output_dir, bids_dir, errors={})
+    device = resolve_device(args.device)
+    filters = load_filters(args.bids_filter_file)
+    settings = plugin_settings(args)  # validate the plugin file before any work
+    runs, run_errors, notes = collect_runs(
+        bids_dir, work_dir, args.participant_label, args.session_label, args.task_id, filters,
+        validate=not args.skip_bids_validation)
+    for note in notes:
+        LOGGER.warning(note)
+
+    from nipype import config
+
+    # Nodes copy nipype's configuration when they are created: set it before building.
+    crash_dir = work_dir / "crash" / f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:8]}"
+    config.update_config({"execution": {
+        "crashdump_dir": str(crash_dir), "crashfile_format": "pklz",
+        "stop_on_first_crash": args.stop_on_first_crash,
+        "check_version": False, "poll_sleep_duration": 0.05}})
+    omp_nthreads = args.omp_nthreads or args.nprocs
+    options = WorkflowOptions(
+        bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(work_dir),
+        hmc_ref=args.hmc_ref, dummy_scans=args.dummy_scans, fd_radius=args.fd_radius,
+        fd_spike_threshold=args.fd_spike_threshold,
+        dvars_spike_threshold=args.dvars_spike_threshold, device=device,
+        omp_nthreads=omp_nthreads, seed=args.random_seed)
+    workflow = init_unimo_bids_wf(runs, options)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_files(output_dir, bids_dir, args.random_seed, workflow.visit_desc())
+    if args.boilerplate_only:
+        print(f"Methods text written to {output_dir / 'logs' / 'CITATION.md'}")
+        return 0
+
+    if args.write_graph:
+        write_graph(workflow, work_dir)
+
+    LOGGER.info("Correcting %d series of %d subject(s) on %s; work folder %s", len(runs),
+                len({r.subject for r in runs}), device, work_dir)
+    progress = Progress(len(workflow.list_node_names()), enabled=True)
+    settings = plugin_settings(args, progress)
+    failure = None
+    try:
+        if runs:
+            workflow.run(**settings)
+    except Exception as err:  # nipype re-raises the first node error; crash files hold all
+        failure = err
+    finally:
+        progress.close()
+    errors = collect_crashes(crash_dir, runs) if crash_dir.exists() else {}
+    if failure is not None and not errors:
+        raise failure
+    for subject, message in run_errors:
+        errors.setdefault(subject, []).append(message)
+    for subject in sorted(errors):
+        for message in errors[subject]:
+            print(f"ERROR: {message}", file=sys.stderr)
+    build_reports(args, output_dir, bids_dir, errors,
+                  subjects=sorted({r.subject for r in runs} | set(errors)), device=device)
+    n_failed = sum(len(v) for v in errors.values())
+    if n_failed:
+        n_total = len(runs) + len(run_errors)
+        print(f"unimo-bids: {n_failed} of {n_total} series failed; the other "
+              f"{n_total - n_failed} finished. Outputs in {output_dir}", file=sys.stderr)
+        return 1
+    print(f"unimo-bids: finished {len(runs)} series. Outputs in {output_dir}")
+    return 0
+
+
+def write_graph(workflow, work_dir: Path) -> None:
+    """The workflow graph as .dot (and .svg when graphviz is installed) in the work folder."""
+    import shutil
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dotfile = work_dir / "graph.dot"
+    fmt = "svg" if shutil.which("dot") else "dot"
+    workflow.write_graph(dotfilename=str(dotfile), graph2use="colored", format=fmt,
+                         simple_form=True)
+    LOGGER.info("Workflow graph written to %s", dotfile)
+
+
+def run_group(args) -> int:
+    from ..interfaces.reports import build_group_report
+
+    output_dir = args.output_dir.absolute()
+    if not list(output_dir.glob("sub-*/**/*_desc-qc_bold.json")):
+        raise UsageError(f"{output_dir}: no participant-level outputs (*_desc-qc_bold.json); "
+                         "run the participant level first")
+    explicit = "--fd-spike-threshold" in (args.argv or [])
+    tsv, html = build_group_report(output_dir, args.fd_spike_threshold if explicit else None)
+    print(f"Group QC table: {tsv}\nGroup report: {html}")
+    return 0
+
+
+def versions() -> dict:
+    import nipype
+    import torch
+
+    return {"unimo-bids": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "nipype": nipype.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.demo is not None:
+            from .demo import run_demo
+
+            return run_demo(args)
+        if args.bids_dir is None or args.output_dir is None or args.analysis_level is None:
+            parser.error("bids_dir, output_dir and analysis_level are required (or use --demo)")
+        if args.analysis_level == "group":
+            return run_group(args)
+        return run_participant(args)
+    except UsageError as err:
+        print(f"unimo-bids: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unimo-bids: interrupted; finished outputs are complete, unfinished ones were not "
+              "written", file=sys.stderr)
+        return 130

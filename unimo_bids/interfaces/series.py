@@ -1,0 +1,163 @@
+"""Input validation and head-motion reference interfaces."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from ..unimo.reference import detect_non_steady_state, select_reference
+
+
+class SeriesError(ValueError):
+    """A series that cannot be processed; the message names the file and the problem."""
+
+
+def load_series(path: str):
+    """Load a NIfTI image and its float32 data, turning read failures into one-line errors."""
+    if os.path.getsize(path) == 0:
+        raise SeriesError(f"{path}: the file is empty (0 bytes)")
+    try:
+        img = nb.load(path)
+    except Exception as err:  # nibabel raises many types for unreadable headers
+        raise SeriesError(f"{path}: not a readable NIfTI file ({err})") from None
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as err:
+        raise SeriesError(f"{path}: truncated or corrupt image data ({err})") from None
+    return img, data
+
+
+def resolve_repetition_time(path: str, header, sidecar_tr: float | None) -> float:
+    """Repetition time in seconds: the sidecar's, checked against the header's.
+
+    The NIfTI header's pixdim[4] is often in ms although labelled seconds; such a header is
+    accepted when it equals the sidecar value in ms.
+    """
+    zooms = header.get_zooms()
+    header_tr = float(zooms[3]) if len(zooms) > 3 else 0.0
+    unit = header.get_xyzt_units()[1]
+    header_s = {"msec": header_tr / 1000.0, "usec": header_tr / 1e6}.get(unit, header_tr)
+    if sidecar_tr is not None:
+        if not np.isfinite(sidecar_tr) or sidecar_tr <= 0:
+            raise SeriesError(f"{path}: RepetitionTime in the sidecar is {sidecar_tr}, not > 0")
+        if header_s > 0 and not (np.isclose(header_s, sidecar_tr, rtol=0.01)
+                                 or np.isclose(header_s / 1000.0, sidecar_tr, rtol=0.01)):
+            raise SeriesError(
+                f"{path}: RepetitionTime {sidecar_tr} s in the sidecar contradicts "
+                f"{header_s} s in the NIfTI header")
+        return float(sidecar_tr)
+    if header_s > 0 and np.isfinite(header_s):
+        return header_s
+    raise SeriesError(f"{path}: no RepetitionTime in the sidecar and none in the NIfTI header")
+
+
+def validate_series(path: str, img, data: np.ndarray) -> None:
+    """Raise SeriesError unless data is a finite 4D series of >= 2 volumes on a valid grid."""
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[..., 0, :]
+    if data.ndim != 4:
+        raise SeriesError(f"{path}: image is {data.ndim}D with shape {data.shape}; "
+                          "a time series must be 4D")
+    if data.shape[3] < 2:
+        raise SeriesError(f"{path}: the series has a single volume; motion correction needs "
+                          "at least 2")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise SeriesError(f"{path}: invalid voxel size {tuple(zooms)} mm")
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
+        raise SeriesError(f"{path}: the affine is not invertible")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise SeriesError(f"{path}: {bad} voxels are NaN or infinite")
+    flat = data.reshape(-1, data.shape[3])
+    empty = np.flatnonzero(~flat.any(axis=0))
+    if empty.size:
+        raise SeriesError(f"{path}: volume(s) {empty.tolist()} are all zero")
+
+
+class _ValidateSeriesInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="4D series as found in the BIDS dataset")
+    repetition_time = traits.Either(None, traits.Float, default=None, usedefault=True,
+                                    desc="RepetitionTime from the sidecar, if any")
+
+
+class _ValidateSeriesOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="validated series, float32, uncompressed")
+    repetition_time = traits.Float(desc="repetition time in seconds")
+    n_volumes = traits.Int()
+
+
+class ValidateSeries(SimpleInterface):
+    """Check a 4D series and write it as float32 NIfTI for the rest of the workflow.
+
+    Errors are one line, naming the file and the problem.
+    """
+
+    input_spec = _ValidateSeriesInputSpec
+    output_spec = _ValidateSeriesOutputSpec
+
+    def _run_interface(self, runtime):
+        img, data = load_series(self.inputs.in_file)
+        validate_series(self.inputs.in_file, img, data)
+        if data.ndim == 5:
+            data = data[..., 0, :]
+        tr = resolve_repetition_time(self.inputs.in_file, img.header, self.inputs.repetition_time)
+        header = img.header.copy()
+        header.set_data_dtype(np.float32)
+        header.set_xyzt_units(xyz=header.get_xyzt_units()[0] or "mm", t="sec")
+        header.set_zooms(tuple(header.get_zooms()[:3]) + (tr,))
+        out = nb.Nifti1Image(data, img.affine, header)
+        out.header.set_slope_inter(1.0, 0.0)
+        self._results["out_file"] = os.path.join(runtime.cwd, "series.nii")
+        out.to_filename(self._results["out_file"])
+        self._results["repetition_time"] = tr
+        self._results["n_volumes"] = int(data.shape[3])
+        return runtime
+
+
+class _ReferenceInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="validated 4D series")
+    hmc_ref = traits.Str("auto", usedefault=True, desc="auto, first, middle, mean or an index")
+    dummy_scans = traits.Int(-1, usedefault=True,
+                             desc="leading non-steady-state volumes; -1 detects them")
+
+
+class _ReferenceOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="3D reference image")
+    reference_index = traits.Int(desc="index of the reference volume, -1 for a mean")
+    n_dummy = traits.Int(desc="non-steady-state volumes left out of the reference")
+
+
+class HMCReference(SimpleInterface):
+    """Choose the head-motion reference (``--hmc-ref``) after dropping non-steady-state volumes."""
+
+    input_spec = _ReferenceInputSpec
+    output_spec = _ReferenceOutputSpec
+
+    def _run_interface(self, runtime):
+        img = nb.load(self.inputs.in_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        n_dummy = self.inputs.dummy_scans
+        if n_dummy < 0:
+            n_dummy = detect_non_steady_state(data)
+        n_dummy = min(n_dummy, data.shape[3] - 1)
+        reference, index = select_reference(data, img.affine, self.inputs.hmc_ref, n_dummy)
+        header = img.header.copy()
+        header.set_data_shape(reference.shape)
+        out = nb.Nifti1Image(reference, img.affine, header)
+        self._results["out_file"] = os.path.join(runtime.cwd, "reference.nii")
+        out.to_filename(self._results["out_file"])
+        self._results["reference_index"] = -1 if index is None else int(index)
+        self._results["n_dummy"] = int(n_dummy)
+        return runtime

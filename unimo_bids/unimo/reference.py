@@ -1,0 +1,98 @@
+"""Choice of the head-motion reference and detection of non-steady-state volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .register import Level, register_rigid
+from .resample import resample, voxel_map
+
+ROUGH_LEVELS = (Level(4.0, 20), Level(2.0, 10))
+
+
+def detect_non_steady_state(series: np.ndarray, max_leading: int = 10) -> int:
+    """Number of leading non-steady-state volumes (T1 saturation not yet reached).
+
+    series: (X, Y, Z, T). A leading volume counts when its mean intensity in the bright part of
+    the image is a robust outlier (median + 3.5 MAD, and over 2 % above) of the rest of the series,
+    as fMRIPrep's detector does. Detection stops at the first steady volume.
+    """
+    n_vols = series.shape[-1]
+    if n_vols < 6:
+        return 0
+    mean_image = series.mean(axis=-1)
+    bright = mean_image > np.percentile(mean_image, 75)
+    signal = series[bright].mean(axis=0)  # (T,)
+    baseline = signal[min(max_leading, n_vols // 2):]
+    median = np.median(baseline)
+    mad = 1.4826 * np.median(np.abs(baseline - median))
+    threshold = max(median + 3.5 * mad, 1.02 * median)
+    count = 0
+    for value in signal[:max_leading]:
+        if value <= threshold:
+            break
+        count += 1
+    return min(count, n_vols - 2)
+
+
+def parse_reference_mode(mode) -> str | int:
+    """Validate ``--hmc-ref``: 'auto', 'first', 'middle', 'mean' or a volume index >= 0."""
+    if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
+        return int(mode)
+    if mode in ("auto", "first", "middle", "mean"):
+        return mode
+    raise ValueError(f"--hmc-ref must be auto, first, middle, mean or a volume index, not {mode!r}")
+
+
+def _correlation(volumes: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each of (T, N) rows with target (N,)."""
+    v = volumes - volumes.mean(axis=1, keepdims=True)
+    t = target - target.mean()
+    return (v @ t) / (np.linalg.norm(v, axis=1) * np.linalg.norm(t) + 1e-12)
+
+
+def rough_align(series: np.ndarray, affine, reference: np.ndarray, weight=None) -> np.ndarray:
+    """Coarse rigid alignment of every volume to ``reference``; returns aligned (T, X, Y, Z)."""
+    moving = torch.as_tensor(np.moveaxis(series, -1, 0), dtype=torch.float32)[:, None]
+    fixed = torch.as_tensor(reference, dtype=torch.float32)[None]
+    weight_t = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    result = register_rigid(fixed, moving, affine, affine, weight_t, levels=ROUGH_LEVELS)
+    affine_t = torch.as_tensor(np.asarray(affine, dtype=float))
+    maps = voxel_map(torch.as_tensor(result.transforms), affine_t, affine_t)
+    return resample(moving, maps, reference.shape)[:, 0].numpy()
+
+
+def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
+    """Pick the head-motion reference of a series.
+
+    series: (X, Y, Z, T); steady-state volumes are those from ``n_dummy`` on.
+    mode: 'first' / 'middle' steady-state volume, an explicit volume index, 'mean' (mean of the
+        roughly aligned steady-state volumes), or 'auto': the volume closest (correlation) to the
+        median of the roughly aligned steady-state series, so that neither a moved nor a
+        non-steady-state volume becomes the reference.
+    Returns (reference (X, Y, Z) float32, index of the chosen volume or None for 'mean').
+    """
+    mode = parse_reference_mode(mode)
+    n_vols = series.shape[-1]
+    steady = np.arange(min(n_dummy, n_vols - 1), n_vols)
+    if isinstance(mode, int):
+        if mode >= n_vols:
+            raise ValueError(f"--hmc-ref {mode} is out of range: the series has {n_vols} volumes")
+        return series[..., mode].astype(np.float32), mode
+    if mode == "first":
+        return series[..., steady[0]].astype(np.float32), int(steady[0])
+    if mode == "middle":
+        index = int(steady[len(steady) // 2])
+        return series[..., index].astype(np.float32), index
+
+    data = series[..., steady].astype(np.float32)
+    flat = np.moveaxis(data, -1, 0).reshape(len(steady), -1)
+    seed = int(np.argmax(_correlation(flat, np.median(flat, axis=0))))
+    aligned = rough_align(data, affine, data[..., seed])
+    if mode == "mean":
+        return aligned.mean(axis=0).astype(np.float32), None
+    aligned_flat = aligned.reshape(len(steady), -1)
+    scores = _correlation(aligned_flat, np.median(aligned_flat, axis=0))
+    index = int(steady[int(np.argmax(scores))])
+    return series[..., index].astype(np.float32), index

@@ -1,0 +1,201 @@
+"""Batched multi-resolution rigid registration (inverse-compositional Gauss-Newton).
+
+Every moving volume of a batch is aligned to one fixed image at once. The fixed image's gradient,
+and hence the Jacobian, is computed once per level (inverse compositional scheme); each iteration
+then costs one trilinear sampling of the moving volumes and a 6x6 solve per volume. A per-volume
+linear intensity fit and Huber weights make the cost robust to global intensity drift and to
+local signal changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .geometry import grid_center, rigid_from_params, rigid_inverse, voxel_sizes
+from .resample import gaussian_blur, sample_points
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level.
+
+    spacing_factor: working spacing as a multiple of the finest voxel size (isotropic when coarse).
+    iterations: maximum Gauss-Newton iterations.
+    channel_weights: weight of each image channel at this level (e.g. intensity, shape map).
+    """
+
+    spacing_factor: float
+    iterations: int
+    channel_weights: tuple = (1.0,)
+
+
+DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
+
+
+@dataclass
+class RigidResult:
+    """transforms: (B, 4, 4) float64 world (fixed) -> world (moving).
+    residual: (B,) robust normalised residual at the finest level (0 = perfect match).
+    iterations: (B,) Gauss-Newton iterations used at the finest level."""
+
+    transforms: np.ndarray
+    residual: np.ndarray
+    iterations: np.ndarray
+
+
+def level_grid(shape, affine, spacing_factor: float):
+    """Working grid for a level: spacing per axis max(factor * min voxel size, voxel size).
+
+    Returns (shape (3,), affine (4, 4), spacing mm (3,)). The grid starts at voxel 0.
+    """
+    vox = voxel_sizes(affine)
+    spacing = np.maximum(spacing_factor * vox.min(), vox)
+    step = spacing / vox
+    new_shape = np.floor((np.asarray(shape[:3]) - 1) / step).astype(int) + 1
+    new_affine = np.asarray(affine, dtype=float) @ np.diag(np.append(step, 1.0))
+    return tuple(int(n) for n in new_shape), new_affine, spacing
+
+
+def _blur_sigma(affine, spacing) -> list[float]:
+    """Per-axis Gaussian sigma (voxels) that band-limits data to a working spacing (mm)."""
+    vox = voxel_sizes(affine)
+    sigma_mm = np.sqrt(np.maximum((0.5 * spacing) ** 2 - (0.5 * vox) ** 2, 0.0))
+    return list(sigma_mm / vox)
+
+
+def _fixed_level(fixed, fixed_affine, fixed_weight, level: Level):
+    """Sample the fixed image, its world gradient and its weight on the level grid.
+
+    fixed: (C, X, Y, Z). Returns points (N, 3) world float64, values (C, N), jacobian (C, N, 6)
+    for a centre at the fixed grid centre, and base weights (N,), restricted to weighted voxels.
+    """
+    shape, affine, spacing = level_grid(fixed.shape[1:], fixed_affine, level.spacing_factor)
+    device, dtype = fixed.device, fixed.dtype
+    blurred = gaussian_blur(fixed[None], _blur_sigma(fixed_affine, spacing))
+    index = torch.stack(
+        torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=device) for n in shape],
+                       indexing="ij"), dim=-1).reshape(-1, 3)
+    step = torch.as_tensor(spacing / voxel_sizes(fixed_affine), dtype=torch.float64, device=device)
+    values, _ = sample_points(blurred, (index * step)[None])
+    values = values[0]  # (C, N)
+    grid_values = values.view(values.shape[0], *shape)
+    grad_vox = torch.stack(torch.gradient(grid_values, dim=(1, 2, 3)), dim=1)  # (C, 3, X, Y, Z)
+    to_world = torch.linalg.inv(torch.as_tensor(affine[:3, :3], dtype=torch.float64)).T
+    grad_world = torch.einsum("ij,cjn->cin", to_world.to(device=device, dtype=dtype),
+                              grad_vox.reshape(values.shape[0], 3, -1))  # (C, 3, N)
+    affine_t = torch.as_tensor(affine, dtype=torch.float64, device=device)
+    points = index @ affine_t[:3, :3].T + affine_t[:3, 3]
+
+    if fixed_weight is None:
+        weight = torch.ones(points.shape[0], dtype=dtype, device=device)
+    else:
+        weight, _ = sample_points(fixed_weight[None, None].to(dtype), (index * step)[None])
+        weight = weight[0, 0]
+    keep = weight > 1e-3
+    points, values, grad_world, weight = (points[keep], values[:, keep], grad_world[:, :, keep],
+                                          weight[keep])
+
+    center = torch.as_tensor(grid_center(fixed.shape[1:], fixed_affine), dtype=torch.float64,
+                             device=device)
+    offset = (points - center).to(dtype)  # (N, 3)
+    grad = grad_world.transpose(1, 2)  # (C, N, 3)
+    jacobian = torch.cat([torch.cross(offset.expand_as(grad), grad, dim=-1), grad], dim=-1)
+    return points, values, jacobian, weight, spacing
+
+
+def _robust_scale(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted standard deviation of values (..., N) with weights (N,), floored to avoid 0."""
+    total = weight.sum().clamp_min(1e-12)
+    mean = (values * weight).sum(-1, keepdim=True) / total
+    var = (((values - mean) ** 2) * weight).sum(-1) / total
+    return var.sqrt().clamp_min(1e-6)
+
+
+def register_rigid(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_affine,
+    moving_affine,
+    fixed_weight: torch.Tensor | None = None,
+    init: np.ndarray | None = None,
+    levels=DEFAULT_LEVELS,
+    huber: float = 1.345,
+    tolerance: float = 1e-4,
+) -> RigidResult:
+    """Rigidly align each moving volume to the fixed image.
+
+    fixed: (C, X, Y, Z) float tensor; channels are e.g. intensity and a shape map.
+    moving: (B, C, X', Y', Z') on the grid ``moving_affine`` (shared by the batch).
+    fixed_weight: (X, Y, Z) non-negative weights on the fixed grid (e.g. a dilated brain mask);
+        None weighs every voxel equally.
+    init: (B, 4, 4) initial transforms (world fixed -> world moving); identity when None.
+    levels: coarse-to-fine ``Level``s. tolerance: stop when every update moves points by less
+        than this many mm (rotation measured at 50 mm).
+    Returns a ``RigidResult`` with transforms (B, 4, 4) float64.
+    """
+    device = fixed.device
+    batch = moving.shape[0]
+    transforms = (torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
+                  if init is None else torch.as_tensor(init, dtype=torch.float64, device=device))
+    moving_vox_from_world = torch.linalg.inv(
+        torch.as_tensor(np.asarray(moving_affine, dtype=float), device=device))
+    center = torch.as_tensor(grid_center(fixed.shape[1:], fixed_affine), device=device)
+    residual = torch.zeros(batch, dtype=torch.float64, device=device)
+    used = torch.zeros(batch, dtype=torch.long, device=device)
+
+    for level in levels:
+        weights_c = torch.as_tensor(level.channel_weights, dtype=fixed.dtype, device=device)
+        channels = int((weights_c > 0).sum())
+        if channels == 0:
+            continue
+        points, fixed_values, jacobian, base_weight, spacing = _fixed_level(
+            fixed, fixed_affine, fixed_weight, level)
+        moving_level = gaussian_blur(moving, _blur_sigma(moving_affine, spacing))
+        scale = _robust_scale(fixed_values, base_weight)  # (C,)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        used.zero_()
+        for _ in range(level.iterations):
+            if not active.any():
+                break
+            idx = active.nonzero().squeeze(1)
+            world = points @ transforms[idx, :3, :3].transpose(1, 2) + transforms[idx, None, :3, 3]
+            vox = world @ moving_vox_from_world[:3, :3].T + moving_vox_from_world[:3, 3]
+            sampled, inside = sample_points(moving_level[idx], vox)  # (b, C, N), (b, N)
+            weight = base_weight * inside.to(fixed.dtype)  # (b, N)
+
+            # Per volume and channel linear intensity fit: moving ~ gain * fixed + offset.
+            total = weight.sum(-1).clamp_min(1e-6)[:, None]
+            mean_f = (fixed_values[None] * weight[:, None]).sum(-1) / total
+            mean_m = (sampled * weight[:, None]).sum(-1) / total
+            cov = ((fixed_values[None] - mean_f[..., None]) * (sampled - mean_m[..., None])
+                   * weight[:, None]).sum(-1) / total
+            var_f = (((fixed_values[None] - mean_f[..., None]) ** 2) * weight[:, None]).sum(-1)
+            gain = (cov / (var_f / total).clamp_min(1e-12)).clamp_min(1e-3)
+            error = ((sampled - mean_m[..., None]) / gain[..., None]
+                     - (fixed_values[None] - mean_f[..., None])) / scale[None, :, None]
+
+            # Huber weights from a robust (MAD) residual scale per volume and channel.
+            sigma = 1.4826 * error.abs().median(dim=-1).values.clamp_min(1e-6)
+            cutoff = huber * sigma[..., None]
+            robust = torch.where(error.abs() <= cutoff, torch.ones_like(error),
+                                 cutoff / error.abs().clamp_min(1e-12))
+            w = (weight[:, None] * robust * (weights_c / scale ** 2)[None, :, None]).to(
+                torch.float64)  # (b, C, N)
+            jac = jacobian.to(torch.float64)  # (C, N, 6)
+            hessian = torch.einsum("bcn,cni,cnj->bij", w, jac, jac)
+            gradient = torch.einsum("bcn,cni,bcn->bi", w, jac,
+                                    (error * scale[None, :, None]).to(torch.float64))
+            damping = 1e-6 * hessian.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
+            step = torch.linalg.solve(hessian + damping * torch.eye(6, dtype=torch.float64,
+                                                                    device=device), gradient)
+            update = rigid_inverse(rigid_from_params(step, center))
+            transforms[idx] = transforms[idx] @ update
+            used[idx] += 1
+            residual[idx] = ((robust * error.abs() ** 2 * weight[:, None]).sum((-1, -2))
+                             / (weight.sum(-1) * fixed_values.shape[0])).sqrt().to(torch.float64)
+            motion = step[:, :3].norm(dim=-1) * 50.0 + step[:, 3:].norm(dim=-1)
+            active[idx] = motion > tolerance
+    return RigidResult(transforms.cpu().numpy(), residual.cpu().numpy(), used.cpu().numpy())

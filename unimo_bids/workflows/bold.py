@@ -1,0 +1,203 @@
+"""Head-motion correction workflow for one BOLD series."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import nibabel as nb
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from ..interfaces.confounds import SeriesConfounds
+from ..interfaces.io import WriteDerivatives
+from ..interfaces.reports import SeriesReportlets
+from ..interfaces.segment import Segment, ShapeMap
+from ..interfaces.series import HMCReference, ValidateSeries
+from ..interfaces.unimo import ApplyHeadMotion, UniMoRigid
+
+# Derivative name (after the source entities) -> (node, output) that produces it.
+SERIES_OUTPUTS = {
+    "desc-preproc_bold.nii.gz": ("apply_hmc", "out_file"),
+    "desc-hmc_boldref.nii.gz": ("hmc_reference", "out_file"),
+    "desc-brain_mask.nii.gz": ("segment", "out_ref_mask"),
+    "label-brain_distmap.nii.gz": ("reference_shape", "out_file"),
+    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt": ("unimo_rigid", "out_itk"),
+    "desc-confounds_timeseries.tsv": ("confounds", "out_confounds"),
+    "desc-confounds_timeseries.json": ("confounds", "out_confounds_meta"),
+    "stat-tsnr_desc-raw_boldmap.nii.gz": ("confounds", "out_tsnr_raw"),
+    "stat-tsnr_desc-preproc_boldmap.nii.gz": ("confounds", "out_tsnr_preproc"),
+    "desc-qc_bold.json": ("confounds", "out_qc"),
+}
+SERIES_FIGURES = {
+    "desc-mask_bold": "out_mask",
+    "desc-beforeafter_bold": "out_beforeafter",
+    "desc-tsnr_bold": "out_tsnr",
+    "desc-motion_bold": "out_motion",
+    "desc-carpet_bold": "out_carpet",
+}
+
+
+def series_workflow_name(bold_file: str) -> str:
+    """A valid, unique nipype name from a BIDS file name (subject stays in the parent)."""
+    stem = os.path.basename(bold_file).split(".")[0]
+    stem = re.sub(r"^sub-[^_]+_", "", stem)
+    return "series_" + re.sub(r"[^0-9a-zA-Z]+", "_", stem) + "_wf"
+
+
+def estimate_mem_gb(bold_file: str) -> float:
+    """Memory (GB) of one float32 copy of the series, from the header alone."""
+    try:
+        shape = nb.load(bold_file).shape
+    except Exception:  # the validation node reports unreadable files
+        return 0.5
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    return max(voxels * 4 / 1024**3, 0.05)
+
+
+def _preproc_sidecar(repetition_time, source_uri, metadata):
+    """JSON sidecars of the preprocessed series (a nipype Function: imports inside)."""
+    sidecar = dict(metadata)
+    sidecar.update({
+        "RepetitionTime": repetition_time,
+        "SkullStripped": False,
+        "Sources": [source_uri],
+    })
+    return {"desc-preproc_bold.json": sidecar}
+
+
+def init_series_wf(
+    bold_file: str,
+    bids_dir: str,
+    output_dir: str,
+    metadata: dict,
+    *,
+    hmc_ref: str = "auto",
+    dummy_scans: int | None = None,
+    fd_radius: float = 50.0,
+    fd_spike_threshold: float = 0.5,
+    dvars_spike_threshold: float = 1.5,
+    device: str = "cpu",
+    omp_nthreads: int = 1,
+    seed: int | None = None,
+    name: str | None = None,
+) -> Workflow:
+    """Motion-correct one 4D series and write its derivatives.
+
+    Workflow graph: validate -> reference -> segment (mask per volume) -> shape maps ->
+    UniMo rigid -> one resampling -> confounds and tSNR -> reportlets -> derivatives.
+
+    Inputs
+    ------
+    (none: the series is fixed when the workflow is built)
+
+    Outputs
+    -------
+    outputnode.out_files
+        derivative files written for this series
+    outputnode.preproc
+        motion-corrected series in the work directory
+    """
+    workflow = Workflow(name=name or series_workflow_name(bold_file))
+    workflow.__desc__ = """\
+Head-motion parameters of the series were estimated with *unimo-bids* against a reference
+volume ({ref}). A brain mask was computed for every volume with robust intensity thresholds,
+morphology and the largest connected component, and its signed Euclidean distance transform (mm)
+served as a shape map. Rigid transforms were estimated for all volumes at once by a
+multi-resolution, inverse-compositional Gauss-Newton registration (Huber-weighted, with a per-volume
+linear intensity fit), using the shape maps at the coarse levels and intensities throughout.
+Each volume was then resampled once onto the reference grid (trilinear). Framewise displacement
+(Power, radius {radius:g} mm), RMSD and DVARS were computed with Nipype, and volumes with FD >
+{fd:g} mm or standardised DVARS > {dvars:g} were flagged as motion outliers.
+""".format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold)
+
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "preproc"]),
+                         name="outputnode")
+    mem_gb = estimate_mem_gb(bold_file)
+    validate = pe.Node(ValidateSeries(in_file=bold_file,
+                                      repetition_time=metadata.get("RepetitionTime")),
+                       name="validate", mem_gb=2 * mem_gb)
+    hmc_reference = pe.Node(
+        HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans),
+        name="hmc_reference", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
+    segment = pe.Node(Segment(), name="segment", mem_gb=3 * mem_gb)
+    volume_shapes = pe.Node(ShapeMap(), name="volume_shapes", mem_gb=3 * mem_gb)
+    reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
+    unimo_rigid = pe.Node(
+        UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed),
+        name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
+    apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads),
+                        name="apply_hmc", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
+    confounds = pe.Node(
+        SeriesConfounds(fd_radius=fd_radius, fd_spike_threshold=fd_spike_threshold,
+                        dvars_spike_threshold=dvars_spike_threshold),
+        name="confounds", mem_gb=4 * mem_gb)
+    reportlets = pe.Node(SeriesReportlets(fd_spike_threshold=fd_spike_threshold),
+                         name="reportlets", mem_gb=3 * mem_gb)
+
+    relative = os.path.relpath(bold_file, bids_dir)
+    sidecar = pe.Node(
+        niu.Function(function=_preproc_sidecar, input_names=["repetition_time", "source_uri",
+                                                              "metadata"],
+                     output_names=["sidecars"]),
+        name="sidecar")
+    sidecar.inputs.source_uri = f"bids:raw:{relative}"
+    sidecar.inputs.metadata = {k: v for k, v in metadata.items()
+                               if k in ("TaskName", "SliceTiming", "EchoTime",
+                                        "PhaseEncodingDirection", "TotalReadoutTime")}
+
+    names = list(SERIES_OUTPUTS)
+    gather_files = pe.Node(niu.Merge(len(names)), name="gather_files", run_without_submitting=True)
+    gather_figures = pe.Node(niu.Merge(len(SERIES_FIGURES)), name="gather_figures",
+                             run_without_submitting=True)
+    write = pe.Node(
+        WriteDerivatives(base_directory=output_dir, bids_dir=bids_dir, source_file=bold_file,
+                         names=names, figure_names=list(SERIES_FIGURES)),
+        name="write_derivatives", run_without_submitting=True)
+
+    nodes = {"apply_hmc": apply_hmc, "hmc_reference": hmc_reference, "segment": segment,
+             "reference_shape": reference_shape, "unimo_rigid": unimo_rigid,
+             "confounds": confounds}
+    workflow.connect([
+        (validate, hmc_reference, [("out_file", "in_file")]),
+        (validate, segment, [("out_file", "in_file")]),
+        (hmc_reference, segment, [("out_file", "reference")]),
+        (segment, volume_shapes, [("out_masks", "in_masks")]),
+        (segment, reference_shape, [("out_ref_mask", "in_masks")]),
+        (validate, unimo_rigid, [("out_file", "in_file")]),
+        (hmc_reference, unimo_rigid, [("out_file", "reference")]),
+        (segment, unimo_rigid, [("out_ref_mask", "reference_mask")]),
+        (volume_shapes, unimo_rigid, [("out_file", "in_shape_maps")]),
+        (reference_shape, unimo_rigid, [("out_file", "reference_shape_map")]),
+        (validate, apply_hmc, [("out_file", "in_file")]),
+        (unimo_rigid, apply_hmc, [("out_transforms", "in_transforms")]),
+        (validate, confounds, [("out_file", "in_raw")]),
+        (apply_hmc, confounds, [("out_file", "in_preproc")]),
+        (segment, confounds, [("out_ref_mask", "in_mask")]),
+        (unimo_rigid, confounds, [("out_transforms", "in_transforms"),
+                                  ("out_diagnostics", "diagnostics"),
+                                  ("out_diagnostics_meta", "diagnostics_meta")]),
+        (hmc_reference, confounds, [("n_dummy", "non_steady_state")]),
+        (validate, reportlets, [("out_file", "in_raw")]),
+        (apply_hmc, reportlets, [("out_file", "in_preproc")]),
+        (hmc_reference, reportlets, [("out_file", "in_ref")]),
+        (segment, reportlets, [("out_ref_mask", "in_mask")]),
+        (reference_shape, reportlets, [("out_file", "in_distmap")]),
+        (confounds, reportlets, [("out_confounds", "in_confounds"),
+                                 ("out_tsnr_raw", "in_tsnr_raw"),
+                                 ("out_tsnr_preproc", "in_tsnr_preproc")]),
+        (validate, sidecar, [("repetition_time", "repetition_time")]),
+        (gather_files, write, [("out", "in_files")]),
+        (gather_figures, write, [("out", "in_figures")]),
+        (sidecar, write, [("sidecars", "sidecars")]),
+        (write, outputnode, [("out_files", "out_files")]),
+        (apply_hmc, outputnode, [("out_file", "preproc")]),
+    ])
+    for position, (node_name, output) in enumerate(SERIES_OUTPUTS.values(), start=1):
+        workflow.connect(nodes[node_name], output, gather_files, f"in{position}")
+    for position, output in enumerate(SERIES_FIGURES.values(), start=1):
+        workflow.connect(reportlets, output, gather_figures, f"in{position}")
+    return workflow
