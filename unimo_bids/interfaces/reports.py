@@ -14,9 +14,7 @@ import base64
 import html
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -33,6 +31,7 @@ from nipype.interfaces.base import (
 )
 
 from .confounds import MOTION_OUTLIER_PREFIX, NSS_PREFIX, qc_from_confounds
+from .io import write_atomically
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -155,34 +154,10 @@ def _spike_rows(confounds: pd.DataFrame, prefix: str) -> np.ndarray:
     return np.flatnonzero(confounds[cols].fillna(0).to_numpy().sum(axis=1) > 0)
 
 
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder + os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fobj:
-            fobj.write(text)
-            fobj.flush()
-            os.fsync(fobj.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically({path: "text:" + text})
     return path
 
 
