@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -104,7 +105,11 @@ def collect_runs(
     """
     from bids import BIDSLayout
 
-    database = work_dir / "bids_db"
+    # One index per participant selection, so that parallel jobs (one subject each) sharing a
+    # work folder never rewrite each other's database.
+    selection = ",".join(sorted(clean_label(label) for label in participant_labels or []))
+    database = work_dir / "bids_db" / (hashlib.sha1(selection.encode()).hexdigest()[:12]
+                                       if selection else "all")
     database.mkdir(parents=True, exist_ok=True)
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, database_path=str(database),

@@ -26,24 +26,17 @@ def parse_memory_gb(value: str) -> float:
     return float(match.group(1)) * _MEM_UNITS[match.group(2).lower()]
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return number
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return number
+    return parse
 
 
 def _positive_float(value: str) -> float:
@@ -115,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g_perf = parser.add_argument_group("Resources")
     g_perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
                         help="intermediate results, reused when a run is repeated")
-    g_perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
+    g_perf.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), default=os.cpu_count() or 1,
                         help="processes run at once (1 runs nodes one after the other)")
-    g_perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
+    g_perf.add_argument("--omp-nthreads", type=_int_at_least(1), default=None,
                         help="threads per process (default: --nprocs)")
     g_perf.add_argument("--mem", "--mem-gb", type=parse_memory_gb, default=None,
                         metavar="MEMORY", help="memory limit, e.g. 16GB (a bare number is GB)")
@@ -132,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g_hmc.add_argument("--hmc-ref", type=_hmc_ref, default="auto",
                        help="reference: auto (low-motion volume near the median), first, "
                             "middle, mean, or a volume index")
-    g_hmc.add_argument("--dummy-scans", type=_non_negative_int, default=None, metavar="N",
+    g_hmc.add_argument("--dummy-scans", type=_int_at_least(0), default=None, metavar="N",
                        help="leading non-steady-state volumes (default: detected)")
     g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                        help="seed for every random choice")
