@@ -356,3 +356,26 @@ def test_gzip_outputs_are_deterministic(good_dataset):
     assert header[4:8] == b"\x00\x00\x00\x00"  # gzip mtime 0: reruns are byte-identical
     with gzip.open(path) as handle:
         assert len(handle.read()) > 348
+
+
+def test_multiproc_after_torch_in_the_same_process(tmp_path, mni_template):
+    """Workers must not deadlock when the calling process already used torch's thread pool
+    (a plain fork copies a half-initialised pool). Run in a subprocess, with a timeout."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    series, grid, _ = make_series(mni_template, rng, n_volumes=4, max_motion=1.0, voxel_mm=6.0)
+    write_dataset(tmp_path / "bids", {"sub-01/func/sub-01_task-a_bold.nii.gz": series}, grid)
+    script = (
+        "import torch, sys\n"
+        "torch.set_num_threads(2)\n"
+        "torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "from unimo_bids.cli.run import main\n"
+        f"sys.exit(main([{str(tmp_path / 'bids')!r}, {str(tmp_path / 'out')!r}, 'participant', "
+        f"'-w', {str(tmp_path / 'work')!r}, '--nprocs', '2']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "out").rglob("*_desc-preproc_bold.nii.gz"))

@@ -10,6 +10,9 @@ from pathlib import Path
 from .. import __version__
 
 
+DEFAULT_FD_SPIKE_THRESHOLD = 0.5
+
+
 class UsageError(Exception):
     """A problem with the command line or the paths it names; the message is one line."""
 
@@ -133,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     g_conf = parser.add_argument_group("Confounds")
     g_conf.add_argument("--fd-radius", type=_positive_float, default=50.0, metavar="MM",
                         help="head radius for framewise displacement (mm)")
-    g_conf.add_argument("--fd-spike-threshold", type=_positive_float, default=0.5, metavar="MM",
-                        help="FD above which a volume is a motion outlier")
+    # None tells the group level that no new threshold was asked for.
+    g_conf.add_argument("--fd-spike-threshold", type=_positive_float, default=None, metavar="MM",
+                        help=f"FD above which a volume is a motion outlier (default "
+                             f"{DEFAULT_FD_SPIKE_THRESHOLD}); at the group level, re-counts "
+                             "outliers from the confounds files")
     g_conf.add_argument("--dvars-spike-threshold", type=_positive_float, default=1.5,
                         help="standardised DVARS above which a volume is a motion outlier")
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import platform
+import signal
 import sys
+import threading
 import time
 import uuid
 import warnings
 from pathlib import Path
 
 from .. import __version__
-from .parser import UsageError, build_parser
+from .parser import DEFAULT_FD_SPIKE_THRESHOLD, UsageError, build_parser
 
 LOGGER = logging.getLogger("unimo_bids")
 
@@ -70,8 +74,13 @@ def plugin_settings(args, progress_callback=None) -> dict:
     elif args.nprocs == 1:
         settings = {"plugin": "Linear", "plugin_args": {}}
     else:
-        settings = {"plugin": "MultiProc",
-                    "plugin_args": {"n_procs": args.nprocs, "raise_insufficient": False}}
+        settings = {"plugin": "MultiProc", "plugin_args": {"n_procs": args.nprocs}}
+    if settings["plugin"] == "MultiProc":
+        # Nodes ask for --omp-nthreads; run them even if the pool is smaller.
+        settings["plugin_args"].setdefault("raise_insufficient", False)
+        # A worker forked from a process whose torch thread pool already ran can deadlock;
+        # workers forked from a clean server process cannot.
+        settings["plugin_args"].setdefault("mp_context", "forkserver")
     if args.mem is not None and settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
         settings["plugin_args"].setdefault("memory_gb", args.mem)
     if progress_callback is not None and settings["plugin"] in ("Linear", "MultiProc",
@@ -151,11 +160,12 @@ def run_participant(args) -> int:
         "crashdump_dir": str(crash_dir), "crashfile_format": "pklz",
         "stop_on_first_crash": args.stop_on_first_crash,
         "check_version": False, "poll_sleep_duration": 0.05}})
-    omp_nthreads = args.omp_nthreads or args.nprocs
+    omp_nthreads = args.omp_nthreads or int(settings["plugin_args"].get("n_procs", args.nprocs))
     options = WorkflowOptions(
         bids_dir=str(bids_dir), output_dir=str(output_dir), work_dir=str(work_dir),
         hmc_ref=args.hmc_ref, dummy_scans=args.dummy_scans, fd_radius=args.fd_radius,
-        fd_spike_threshold=args.fd_spike_threshold,
+        fd_spike_threshold=(DEFAULT_FD_SPIKE_THRESHOLD if args.fd_spike_threshold is None
+                            else args.fd_spike_threshold),
         dvars_spike_threshold=args.dvars_spike_threshold, device=device,
         omp_nthreads=omp_nthreads, seed=args.random_seed)
     workflow = init_unimo_bids_wf(runs, options)
@@ -175,6 +185,9 @@ def run_participant(args) -> int:
     failure = None
     try:
         if runs:
+            # nipype's scheduler calls gc.collect() at every step; with torch and nilearn
+            # loaded each call costs ~0.5 s unless the start-up objects are frozen first.
+            gc.freeze()
             workflow.run(**settings)
     except Exception as err:  # nipype re-raises the first node error; crash files hold all
         failure = err
@@ -219,8 +232,7 @@ def run_group(args) -> int:
     if not list(output_dir.glob("sub-*/**/*_desc-qc_bold.json")):
         raise UsageError(f"{output_dir}: no participant-level outputs (*_desc-qc_bold.json); "
                          "run the participant level first")
-    explicit = "--fd-spike-threshold" in (args.argv or [])
-    tsv, html = build_group_report(output_dir, args.fd_spike_threshold if explicit else None)
+    tsv, html = build_group_report(output_dir, args.fd_spike_threshold)
     print(f"Group QC table: {tsv}\nGroup report: {html}")
     return 0
 
@@ -233,7 +245,23 @@ def versions() -> dict:
             "torch": torch.__version__, "nipype": nipype.__version__}
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (batch schedulers, docker stop) like Ctrl-C: unwind and clean up."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker: end quietly, the main process reports
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _interrupt_on_sigterm()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -252,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unimo-bids: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # The dying worker pool reports its broken futures; the line below says it all.
+        logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)
         print("unimo-bids: interrupted; finished outputs are complete, unfinished ones were not "
               "written", file=sys.stderr)
         return 130
