@@ -10,6 +10,21 @@ import pytest
 
 os.environ["NIPYPE_NO_ET"] = "1"
 
+# Every series output of the participant level (DESIGN.md, "Output contract").
+CONTRACT = [
+    "desc-preproc_bold.nii.gz",
+    "desc-preproc_bold.json",
+    "desc-hmc_boldref.nii.gz",
+    "desc-brain_mask.nii.gz",
+    "label-brain_distmap.nii.gz",
+    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt",
+    "desc-confounds_timeseries.tsv",
+    "desc-confounds_timeseries.json",
+    "stat-tsnr_desc-raw_boldmap.nii.gz",
+    "stat-tsnr_desc-preproc_boldmap.nii.gz",
+    "desc-qc_bold.json",
+]
+
 
 @pytest.fixture(scope="session")
 def mni_template():

@@ -12,26 +12,13 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import coarse_grid
+from conftest import CONTRACT, coarse_grid
 
 from unimo_bids.cli.demo import displacement_errors
 from unimo_bids.cli.run import main
 from unimo_bids.unimo.geometry import grid_center
 from unimo_bids.unimo.synthetic import random_rigid_motions, simulate_series
 
-CONTRACT = [
-    "desc-preproc_bold.nii.gz",
-    "desc-preproc_bold.json",
-    "desc-hmc_boldref.nii.gz",
-    "desc-brain_mask.nii.gz",
-    "label-brain_distmap.nii.gz",
-    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt",
-    "desc-confounds_timeseries.tsv",
-    "desc-confounds_timeseries.json",
-    "stat-tsnr_desc-raw_boldmap.nii.gz",
-    "stat-tsnr_desc-preproc_boldmap.nii.gz",
-    "desc-qc_bold.json",
-]
 # The BIDS entities of the output contract; 'stat' comes from BIDS statistical derivatives.
 STAT_CONFIG = {"name": "unimo_stat", "entities": [
     {"name": "stat", "pattern": "[_/\\\\]+stat-([a-zA-Z0-9]+)"}]}

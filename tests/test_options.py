@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
-from conftest import coarse_grid
+from conftest import CONTRACT, coarse_grid
 
 from unimo_bids import __version__
 from unimo_bids.cli import run as run_module
@@ -55,19 +55,6 @@ SELECT = ["--participant-label", "sub-01", "--session-label", "1", "-t", "a"]
 # The processing options of the base run. Runs that repeat them reuse its work folder as it is;
 # a later occurrence of an option overrides these (argparse keeps the last value).
 BASE = ["--hmc-ref", "first", "--dvars-spike-threshold", "10"]
-CONTRACT = [
-    "desc-preproc_bold.nii.gz",
-    "desc-preproc_bold.json",
-    "desc-hmc_boldref.nii.gz",
-    "desc-brain_mask.nii.gz",
-    "label-brain_distmap.nii.gz",
-    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt",
-    "desc-confounds_timeseries.tsv",
-    "desc-confounds_timeseries.json",
-    "stat-tsnr_desc-raw_boldmap.nii.gz",
-    "stat-tsnr_desc-preproc_boldmap.nii.gz",
-    "desc-qc_bold.json",
-]
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine) -> None:

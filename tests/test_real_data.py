@@ -29,7 +29,7 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_data
+from conftest import CONTRACT, shared_data
 
 from unimo_bids.cli.run import main
 
@@ -39,19 +39,6 @@ VALIDATOR = "bids-validator@1.14.14"
 BOLD = "sub-01/func/sub-01_task-fa_bold.nii.gz"
 T1W = "sub-01/anat/sub-01_T1w.nii.gz"
 N_VOLUMES = 20
-CONTRACT = [
-    "desc-preproc_bold.nii.gz",
-    "desc-preproc_bold.json",
-    "desc-hmc_boldref.nii.gz",
-    "desc-brain_mask.nii.gz",
-    "label-brain_distmap.nii.gz",
-    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt",
-    "desc-confounds_timeseries.tsv",
-    "desc-confounds_timeseries.json",
-    "stat-tsnr_desc-raw_boldmap.nii.gz",
-    "stat-tsnr_desc-preproc_boldmap.nii.gz",
-    "desc-qc_bold.json",
-]
 
 
 def build_dataset(data: Path, root: Path) -> Path:
