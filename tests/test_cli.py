@@ -366,3 +366,15 @@ def test_multiproc_after_torch_in_the_same_process(tmp_path, mni_template):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((tmp_path / "out").rglob("*_desc-preproc_bold.nii.gz"))
+
+
+def test_too_many_dummy_scans_fail_the_series(tmp_path, mni_template, capsys):
+    rng = np.random.default_rng(4)
+    series, grid, _ = make_series(mni_template, rng, n_volumes=4, max_motion=1.0, voxel_mm=6.0)
+    write_dataset(tmp_path / "bids", {"sub-01/func/sub-01_task-a_bold.nii.gz": series}, grid)
+    code = main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w",
+                 str(tmp_path / "work"), "--nprocs", "1", "--dummy-scans", "3"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "sub-01_task-a_bold.nii.gz" in err and "--dummy-scans 3" in err
+    assert not list((tmp_path / "out").rglob("*desc-preproc*"))

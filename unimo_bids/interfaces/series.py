@@ -131,6 +131,7 @@ class _ReferenceInputSpec(BaseInterfaceInputSpec):
     hmc_ref = traits.Str("auto", usedefault=True, desc="auto, first, middle, mean or an index")
     dummy_scans = traits.Int(-1, usedefault=True,
                              desc="leading non-steady-state volumes; -1 detects them")
+    source_file = traits.Str("", usedefault=True, desc="the BIDS file, named in errors")
 
 
 class _ReferenceOutputSpec(TraitedSpec):
@@ -151,7 +152,10 @@ class HMCReference(SimpleInterface):
         n_dummy = self.inputs.dummy_scans
         if n_dummy < 0:
             n_dummy = detect_non_steady_state(data)
-        n_dummy = min(n_dummy, data.shape[3] - 1)
+        elif n_dummy > data.shape[3] - 2:
+            raise SeriesError(f"{self.inputs.source_file or self.inputs.in_file}: "
+                              f"--dummy-scans {n_dummy} leaves fewer than 2 steady-state "
+                              f"volumes of {data.shape[3]}")
         reference, index = select_reference(data, img.affine, self.inputs.hmc_ref, n_dummy)
         header = img.header.copy()
         header.set_data_shape(reference.shape)

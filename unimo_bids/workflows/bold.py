@@ -121,7 +121,8 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
                                       repetition_time=metadata.get("RepetitionTime")),
                        name="validate", mem_gb=2 * mem_gb)
     hmc_reference = pe.Node(
-        HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans),
+        HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans,
+                     source_file=bold_file),
         name="hmc_reference", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
     segment = pe.Node(Segment(), name="segment", mem_gb=3 * mem_gb)
     volume_shapes = pe.Node(ShapeMap(), name="volume_shapes", mem_gb=3 * mem_gb)
