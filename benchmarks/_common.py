@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_DATA = "/work/shared/data"
-DATA_HELP = ("real data are read from $UNIMO_TEST_DATA (default when unset: "
+DATA_HELP = ("Real data are read from $UNIMO_TEST_DATA (default when unset: "
              f"{DEFAULT_DATA}); nothing is copied into the repository")
 
 

@@ -105,10 +105,9 @@ def run_series(path: Path, device: str, out_dir: Path, image_only: bool = True) 
     steps["signed_distance (all volumes + reference)"] = m
     shapes = np.ascontiguousarray(np.moveaxis(shapes, 0, -1))
 
-    plain = None
     if image_only:
         with measure() as m:
-            plain = estimate_head_motion(data, affine, reference, ref_mask, device=device)
+            estimate_head_motion(data, affine, reference, ref_mask, device=device)
         steps["estimate_head_motion (image)"] = m
 
     with measure() as m:

@@ -188,9 +188,18 @@ def register_rigid(
             hessian = torch.einsum("bcn,cni,cnj->bij", w, jac, jac)
             gradient = torch.einsum("bcn,cni,bcn->bi", w, jac,
                                     (error * scale[None, :, None]).to(torch.float64))
-            damping = 1e-6 * hessian.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
+            # The floor keeps the system solvable when a volume has left the field of view.
+            damping = 1e-6 * hessian.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-9
             step = torch.linalg.solve(hessian + damping * torch.eye(6, dtype=torch.float64,
                                                                     device=device), gradient)
+            # Bound each step (0.2 rad, 4 working voxels) so that one bad linearisation
+            # cannot throw a volume out of the field of view; a volume with too few points
+            # inside it keeps its current estimate.
+            limit = torch.stack([step[:, :3].norm(dim=-1) / 0.2,
+                                 step[:, 3:].norm(dim=-1) / (4.0 * float(spacing.max()))],
+                                dim=-1).amax(-1).clamp_min(1.0)
+            step = step / limit[:, None]
+            step[weight.sum(-1) < 32] = 0.0
             update = rigid_inverse(rigid_from_params(step, center))
             transforms[idx] = transforms[idx] @ update
             used[idx] += 1
