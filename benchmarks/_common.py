@@ -181,3 +181,16 @@ def blur_to_psf(data, data_affine, spacing_mm):
     src = np.sqrt((np.asarray(data_affine)[:3, :3] ** 2).sum(0))
     fwhm_vox = np.asarray(spacing_mm, dtype=float) / src
     return ndimage.gaussian_filter(data, np.sqrt(np.maximum(fwhm_vox ** 2 - 1.0, 0.0)) / 2.355)
+
+
+def load_series_with_reference_mask(path):
+    """(img, data (X,Y,Z,T) float32, voxel sizes, middle volume, its brain mask)."""
+    import nibabel as nb
+
+    from unimo_bids.unimo.segment import reference_mask
+
+    img = nb.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    voxel = tuple(float(z) for z in img.header.get_zooms()[:3])
+    ref = data[..., data.shape[-1] // 2]
+    return img, data, voxel, ref, reference_mask(ref, voxel)

@@ -23,25 +23,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine_line, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    command_line,
+    load_series_with_reference_mask,
+    machine_line,
+    markdown_table,
+)
 
 
 def child(path: str, step: str, threads: int) -> None:
-    import nibabel as nb
-    import numpy as np
     import torch
 
     from _common import _status_kib, reset_peak_rss
     from unimo_bids.unimo.hmc import estimate_head_motion
     from unimo_bids.unimo.reference import select_reference
-    from unimo_bids.unimo.segment import reference_mask
 
     torch.set_num_threads(threads)
-    img = nb.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    vs = tuple(float(z) for z in img.header.get_zooms()[:3])
-    ref = data[..., data.shape[-1] // 2]
-    mask = reference_mask(ref, vs)
+    img, data, vs, ref, mask = load_series_with_reference_mask(path)
     rss0 = _status_kib("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()

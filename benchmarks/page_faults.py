@@ -28,7 +28,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine_line, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    command_line,
+    load_series_with_reference_mask,
+    machine_line,
+    markdown_table,
+)
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
@@ -37,20 +42,15 @@ def child(path: str, threads: int) -> None:
     """Estimate motion on the series at ``path``; print one JSON line of measurements."""
     import resource
 
-    import nibabel as nb
     import numpy as np
     import torch
 
     from unimo_bids.unimo.hmc import estimate_head_motion
-    from unimo_bids.unimo.segment import brain_mask, reference_mask
+    from unimo_bids.unimo.segment import brain_mask
     from unimo_bids.unimo.shape import signed_distance
 
     torch.set_num_threads(threads)
-    img = nb.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    vs = tuple(float(z) for z in img.header.get_zooms()[:3])
-    ref = data[..., data.shape[-1] // 2]
-    ref_mask = reference_mask(ref, vs)
+    img, data, vs, ref, ref_mask = load_series_with_reference_mask(path)
     shapes = np.ascontiguousarray(np.moveaxis(
         signed_distance(brain_mask(np.ascontiguousarray(np.moveaxis(data, -1, 0)), vs), vs),
         0, -1))
