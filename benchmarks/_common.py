@@ -17,13 +17,28 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = "/work/shared/data"
+DEFAULT_DATA = str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
 DATA_HELP = ("Real data are read from $UNIMO_TEST_DATA (default when unset: "
              f"{DEFAULT_DATA}); nothing is copied into the repository")
 
 
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_point_map_to_ras(apply_point) -> np.ndarray:
+    """4x4 RAS matrix of an ITK-style linear transform given as a function LPS point -> LPS point
+    (ANTs' ``apply_to_point``, SimpleITK's ``TransformPoint``). It is read off where four points
+    go, whatever the transform's parameterisation and centre."""
+    probes = np.array([[0.0, 0, 0], [50, 0, 0], [0, 50, 0], [0, 0, 50]])
+    mapped = np.array([apply_point(tuple(p)) for p in probes])
+    lps = np.eye(4)
+    lps[:3, 3] = mapped[0]
+    lps[:3, :3] = ((mapped[1:] - mapped[0]) / 50.0).T
+    return LPS @ lps @ LPS
+
+
 def data_dir() -> Path:
-    """The shared real-data folder ($UNIMO_TEST_DATA, default /work/shared/data)."""
+    """The shared real-data folder ($UNIMO_TEST_DATA, default ../shared/data beside the repo)."""
     folder = Path(os.environ.get("UNIMO_TEST_DATA", DEFAULT_DATA))
     if not folder.is_dir():
         sys.exit(f"real-data folder {folder} not found: set UNIMO_TEST_DATA")

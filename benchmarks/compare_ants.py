@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine_line, markdown_table, warm_up  # noqa: E402
+from _common import (  # noqa: E402
+    LPS,
+    command_line,
+    lps_point_map_to_ras,
+    machine_line,
+    markdown_table,
+    warm_up,
+)
 from rigid_accuracy import (  # noqa: E402
     FAIL_MM,
     HEADERS,
@@ -51,9 +58,6 @@ from rigid_accuracy import (  # noqa: E402
 
 from unimo_bids.unimo.geometry import mean_displacement, rigid_matrix  # noqa: E402
 
-LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def to_ants(volume, affine):
     """A 3D numpy volume on a RAS NIfTI grid -> ants image with the same physical space."""
     import ants
@@ -65,19 +69,10 @@ def to_ants(volume, affine):
 
 
 def ants_matrix_ras(transform_file):
-    """4x4 RAS matrix (reference -> volume) of an ANTs/ITK linear transform file.
-
-    The ITK transform is evaluated on four points (its parameters may be Euler angles or a
-    matrix, about a centre), which gives its LPS matrix whatever its parameterisation."""
+    """4x4 RAS matrix (reference -> volume) of an ANTs/ITK linear transform file."""
     import ants
 
-    tx = ants.read_transform(transform_file)
-    probes = np.array([[0.0, 0, 0], [50, 0, 0], [0, 50, 0], [0, 0, 50]])
-    mapped = np.array([tx.apply_to_point(tuple(p)) for p in probes])
-    lps = np.eye(4)
-    lps[:3, 3] = mapped[0]
-    lps[:3, :3] = ((mapped[1:] - mapped[0]) / 50.0).T
-    return LPS @ lps @ LPS
+    return lps_point_map_to_ras(ants.read_transform(transform_file).apply_to_point)
 
 
 def ants_register(series, affine, ref_index, kind, seed):

@@ -189,7 +189,6 @@ def test_rmsd_closed_form_matches_brute_force():
 
 def test_dvars_fallback_matches_direct_formula(series):
     """The vectorised DVARS equals a per-voxel computation of Nichols' standardised DVARS."""
-    f = series["files"]
     std, nstd, vx = compute_dvars(series["pre"], series["mask"])
     data = series["pre"][series["mask"]].astype(np.float64)
     data = data / np.median(data) * 1000.0

@@ -497,3 +497,62 @@ def test_dummy_scans_adds_non_steady_state_columns(dataset, base):
     # 'first' now means the first steady-state volume, and dummies are never motion outliers.
     assert _raw_volume_matches(dataset, _output(out, "desc-hmc_boldref.nii.gz")) == [2]
     assert not set(_flagged(table, "motion_outlier")) & {0, 1}
+
+
+# --- the UniMo network: --no-refine, --weights ----------------------------------------------
+
+
+def test_confounds_carry_the_network_diagnostics(base):
+    table = _confounds(base["out"])
+    meta = json.loads(_output(base["out"], "desc-confounds_timeseries.json").read_text())
+    names = ["unimo_lambda", "unimo_refine_shift", "unimo_start_network",
+             *[f"unimo_{b}_{p}" for b in ("image", "shape")
+               for p in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")]]
+    for name in names:
+        assert name in table.columns and name in meta and meta[name]["Units"], name
+    lam = table["unimo_lambda"].to_numpy()
+    assert np.all((lam > 0) & (lam < 1)) and np.ptp(lam) == 0
+    assert set(table["unimo_start_network"]) <= {0, 1}
+    # The reference (volume 0) is the identity for both branches, up to keypoint rounding.
+    assert np.abs(table.loc[0, [c for c in table.columns if c.startswith("unimo_image_t")]]
+                  ).max() < 0.05
+
+
+def test_no_refine_reports_the_network_alone(dataset, base):
+    out = dataset["root"] / "out_no_refine"
+    assert _run(dataset, "out_no_refine", *BASE, "--no-refine") == 0
+    table = _confounds(out)
+    assert (table["hmc_iterations"] == 0).all() and (table["unimo_refine_shift"] == 0).all()
+    assert table["hmc_residual"].isna().all()  # written as n/a: nothing was refined
+    # The network's own estimate differs from the refined one of the base run.
+    refined = _confounds(base["out"])
+    assert not np.allclose(table["trans_x"], refined["trans_x"], atol=1e-4)
+    text = (out / "logs" / "CITATION.md").read_text()
+    assert "no test-time refinement" in text
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint"])
+def test_bad_weights_are_refused_before_any_work(dataset, tmp_path, capsys, content):
+    weights = tmp_path / "weights.pt"
+    if content is not None:
+        weights.write_bytes(content)
+    capsys.readouterr()
+    code = _run(dataset, "out_bad_weights", "--weights", weights)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "--weights" in err[0] and str(weights) in err[0], err
+    assert not (dataset["root"] / "out_bad_weights").exists()
+
+
+def test_weights_option_uses_that_checkpoint(dataset, base, tmp_path):
+    import torch
+
+    from unimo_bids.unimo.network import load_network, save_network
+
+    net = load_network()
+    with torch.no_grad():
+        net.raw_lambda.fill_(2.0)  # lambda = sigmoid(2) = 0.881, unlike the packaged one
+    save_network(net, tmp_path / "mine.pt")
+    assert _run(dataset, "out_weights", *BASE, "--weights", tmp_path / "mine.pt") == 0
+    table = _confounds(dataset["root"] / "out_weights")
+    np.testing.assert_allclose(table["unimo_lambda"], 1 / (1 + np.exp(-2.0)), atol=1e-5)

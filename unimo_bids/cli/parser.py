@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g_hmc.add_argument("--hmc-ref", type=_hmc_ref, default="auto",
                        help="reference: auto (low-motion volume near the median), first, "
                             "middle, mean, or a volume index")
+    g_hmc.add_argument("--weights", type=Path, default=None, metavar="PATH",
+                       help="UniMo network checkpoint (default: the packaged weights, "
+                            "made with unimo-bids-train)")
+    g_hmc.add_argument("--no-refine", dest="refine", action="store_false",
+                       help="report the network's fused estimate without test-time refinement "
+                            "(to judge the network alone)")
     g_hmc.add_argument("--dummy-scans", type=_int_at_least(0), default=None, metavar="N",
                        help="leading non-steady-state volumes (default: detected)")
     g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",

@@ -39,6 +39,17 @@ def _setup_logging(verbosity: int) -> None:
     nlogging.update_logging(config)
 
 
+def check_weights(path, device: str) -> None:
+    """Refuse, before any work, a --weights file that is missing or not a network checkpoint
+    (also checks that the packaged weights are installed)."""
+    from ..unimo.network import load_network
+
+    try:
+        load_network(path, "cpu" if path is None else device)
+    except ValueError as err:
+        raise UsageError(f"--weights: {err}" if path is not None else str(err)) from err
+
+
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; refuse CUDA that is not there."""
     import torch
@@ -144,6 +155,7 @@ def run_participant(args) -> int:
     if args.reports_only:
         return build_reports(args, output_dir, bids_dir, errors={})
     device = resolve_device(args.device)
+    check_weights(args.weights, device)
     filters = load_filters(args.bids_filter_file)
     settings = plugin_settings(args)  # validate the plugin file before any work
     runs, run_errors, notes = collect_runs(
@@ -167,7 +179,8 @@ def run_participant(args) -> int:
         fd_spike_threshold=(DEFAULT_FD_SPIKE_THRESHOLD if args.fd_spike_threshold is None
                             else args.fd_spike_threshold),
         dvars_spike_threshold=args.dvars_spike_threshold, device=device,
-        omp_nthreads=omp_nthreads, seed=args.random_seed)
+        omp_nthreads=omp_nthreads, seed=args.random_seed,
+        weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine)
     workflow = init_unimo_bids_wf(runs, options)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_files(output_dir, bids_dir, args.random_seed, workflow.visit_desc())

@@ -18,7 +18,15 @@ from nipype.interfaces.base import (
 )
 from nitransforms.linear import LinearTransformsMapping
 
+from ..unimo.geometry import grid_center, mean_displacement, motion_parameters
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
+from ..unimo.network import load_network
+
+BRANCHES = {"image": "image branch (keypoints of intensities)",
+            "shape": "shape branch (keypoints of the brain's signed distance map)"}
+PARAMETERS = {"trans_x": ("mm", "Translation along x"), "trans_y": ("mm", "Translation along y"),
+              "trans_z": ("mm", "Translation along z"), "rot_x": ("rad", "Rotation about x"),
+              "rot_y": ("rad", "Rotation about y"), "rot_z": ("rad", "Rotation about z")}
 
 DIAGNOSTICS_META = {
     "hmc_residual": {
@@ -31,6 +39,28 @@ DIAGNOSTICS_META = {
         "Units": "count",
     },
 }
+NETWORK_META = {
+    "unimo_lambda": {
+        "Description": "Learned SLERP weight of the shape branch in the fused network estimate "
+                       "(0 = image branch only, 1 = shape branch only).",
+        "Units": "arbitrary",
+    },
+    "unimo_refine_shift": {
+        "Description": "Mean displacement over the reference brain mask between the network's "
+                       "fused estimate and the final (refined) transform: how far test-time "
+                       "refinement moved the network's answer.",
+        "Units": "mm",
+    },
+    "unimo_start_network": {
+        "Description": "1 where refinement continued from the network's estimate, 0 where it "
+                       "continued from the identity (the lower coarse-level residual wins).",
+        "Units": "boolean",
+    },
+    **{f"unimo_{branch}_{name}": {
+        "Description": f"{label} of the {text}'s rigid estimate (same convention as "
+                       f"{name}).", "Units": units}
+       for branch, text in BRANCHES.items() for name, (units, label) in PARAMETERS.items()},
+}
 
 
 def _set_threads(num_threads: int, seed: int | None) -> None:
@@ -38,6 +68,22 @@ def _set_threads(num_threads: int, seed: int | None) -> None:
         torch.set_num_threads(num_threads)
     if seed is not None:
         torch.manual_seed(seed)
+
+
+def network_diagnostics(result, affine, mask) -> dict:
+    """Per-volume columns describing the network's part in ``result`` (a HeadMotion)."""
+    center = grid_center(mask.shape, affine)
+    index = np.argwhere(mask)[::7].astype(float)
+    points = index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    columns = {"unimo_lambda": np.full(len(result.transforms), result.network.lam),
+               "unimo_refine_shift": mean_displacement(result.network.fused, result.transforms,
+                                                       points),
+               "unimo_start_network": result.start}
+    for branch in BRANCHES:
+        params = motion_parameters(getattr(result.network, branch), center)
+        for i, name in enumerate(PARAMETERS):
+            columns[f"unimo_{branch}_{name}"] = params[:, i]
+    return columns
 
 
 def write_itk_transforms(transforms: np.ndarray, path: str) -> None:
@@ -54,6 +100,12 @@ class _UniMoRigidInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     seed = traits.Either(None, traits.Int, default=None, usedefault=True)
+    use_network = traits.Bool(True, usedefault=True,
+                              desc="start from the UniMo network's keypoint estimates")
+    weights = traits.Either(None, File(exists=True), default=None, usedefault=True,
+                            desc="network checkpoint; None: the packaged weights")
+    refine = traits.Bool(True, usedefault=True,
+                         desc="test-time refinement; False reports the network alone")
 
 
 class _UniMoRigidOutputSpec(TraitedSpec):
@@ -80,20 +132,27 @@ class UniMoRigid(SimpleInterface):
             shapes = np.asarray(nb.load(self.inputs.in_shape_maps).dataobj, dtype=np.float32)
             shape_ref = np.asarray(nb.load(self.inputs.reference_shape_map).dataobj,
                                    dtype=np.float32)
+        network = (load_network(self.inputs.weights, self.inputs.device)
+                   if self.inputs.use_network or not self.inputs.refine else None)
         result = estimate_head_motion(series, img.affine, reference, mask, shapes, shape_ref,
-                                      device=self.inputs.device)
+                                      device=self.inputs.device, network=network,
+                                      refine=self.inputs.refine)
 
         self._results["out_transforms"] = os.path.join(runtime.cwd, "hmc_transforms.npy")
         np.save(self._results["out_transforms"], result.transforms)
         self._results["out_itk"] = os.path.join(runtime.cwd, "hmc_xfm.txt")
         write_itk_transforms(result.transforms, self._results["out_itk"])
         self._results["out_diagnostics"] = os.path.join(runtime.cwd, "hmc_diagnostics.tsv")
-        pd.DataFrame({"hmc_residual": result.residual,
-                      "hmc_iterations": result.iterations}).to_csv(
-            self._results["out_diagnostics"], sep="\t", index=False, float_format="%.6g")
+        columns = {"hmc_residual": result.residual, "hmc_iterations": result.iterations}
+        meta = dict(DIAGNOSTICS_META)
+        if result.network is not None:
+            columns.update(network_diagnostics(result, img.affine, mask))
+            meta.update(NETWORK_META)
+        pd.DataFrame(columns).to_csv(self._results["out_diagnostics"], sep="\t", index=False,
+                                     float_format="%.6g", na_rep="n/a")
         self._results["out_diagnostics_meta"] = os.path.join(runtime.cwd, "hmc_diagnostics.json")
         with open(self._results["out_diagnostics_meta"], "w") as handle:
-            json.dump(DIAGNOSTICS_META, handle, indent=2)
+            json.dump(meta, handle, indent=2)
         return runtime
 
 

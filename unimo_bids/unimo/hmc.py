@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import ndimage
 
 from .geometry import voxel_sizes
+from .network import UniMoRigidNet, centroids, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
 from .resample import resample, voxel_map
 
@@ -37,6 +40,93 @@ def _as_batch(series: np.ndarray, start: int, stop: int) -> torch.Tensor:
         np.moveaxis(series[..., start:stop], -1, 0), dtype=np.float32))[:, None]
 
 
+@dataclass
+class NetworkMotion:
+    """The network's estimates for a series: image, shape and fused (T, 4, 4), lambda."""
+
+    image: np.ndarray
+    shape: np.ndarray
+    fused: np.ndarray
+    lam: float
+
+
+@dataclass
+class HeadMotion:
+    """transforms (T, 4, 4) world reference -> world volume; residual and iterations (T,) of
+    the refinement (NaN and 0 without it); network: the network's estimates or None;
+    start: (T,) 1 where refinement started from the network's estimate, 0 from the identity."""
+
+    transforms: np.ndarray
+    residual: np.ndarray
+    iterations: np.ndarray
+    network: NetworkMotion | None = None
+    start: np.ndarray | None = None
+
+
+def _volume_centroids(shape_series, start, stop, affine, fallback) -> torch.Tensor:
+    """(b, 3) world centroids of the masks (distance < 0) of volumes start..stop-1; the
+    reference centroid for a volume with no mask (or no shape maps at all)."""
+    if shape_series is None:
+        return torch.as_tensor(np.tile(fallback, (stop - start, 1)))
+    masks = np.moveaxis(shape_series[..., start:stop] < 0, -1, 0)
+    found = centroids(masks, affine)
+    return torch.as_tensor(np.where(np.isfinite(found), found, fallback))
+
+
+@torch.no_grad()
+def network_head_motion(
+    net: UniMoRigidNet,
+    series: np.ndarray,
+    affine,
+    reference: np.ndarray,
+    reference_mask: np.ndarray,
+    shape_series: np.ndarray | None = None,
+    shape_reference: np.ndarray | None = None,
+    device: str = "cpu",
+    chunk_size: int = 64,
+) -> NetworkMotion:
+    """The UniMo network's rigid estimates (no refinement) for every volume of a series.
+
+    Arguments as ``estimate_head_motion``. Every input is resampled once onto the network's
+    working grid, shifted to its own mask centroid; the reference is encoded once.
+    """
+    net = net.to(device).eval()
+    use_shape = shape_series is not None and shape_reference is not None
+    grid_affine, grid_shape = net.grid(reference.shape, affine, reference_mask)
+    center = centroids(reference_mask, affine)
+    fixed_offsets = torch.zeros(1, 3, dtype=torch.float64)
+    fixed_image, fixed_shape = encode_inputs(
+        torch.as_tensor(reference, dtype=torch.float32, device=device)[None, None],
+        torch.as_tensor(shape_reference, dtype=torch.float32, device=device)[None, None]
+        if use_shape else None, affine, grid_affine, grid_shape, fixed_offsets)
+    out = {"image": [], "shape": [], "fused": []}
+    lam = 0.0
+    for begin in range(0, series.shape[-1], chunk_size):
+        stop = min(begin + chunk_size, series.shape[-1])
+        offsets = _volume_centroids(shape_series if use_shape else None, begin, stop, affine,
+                                    center) - torch.as_tensor(center)
+        moving_image, moving_shape = encode_inputs(
+            _as_batch(series, begin, stop).to(device),
+            _as_batch(shape_series, begin, stop).to(device) if use_shape else None,
+            affine, grid_affine, grid_shape, offsets)
+        estimates = network_estimates(net, fixed_image, fixed_shape, moving_image,
+                                      moving_shape, grid_affine, fixed_offsets.to(device),
+                                      offsets.to(device), center)
+        for name in out:
+            out[name].append(getattr(estimates, name).cpu().numpy())
+        lam = float(estimates.lam)
+    return NetworkMotion(**{k: np.concatenate(v) for k, v in out.items()}, lam=lam)
+
+
+def _pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
+    """(b,) index of the best start per volume: the lowest coarse residual among the starts
+    that keep at least 80 % of the best overlap with the field of view."""
+    residual = coarse.residual.reshape(n_starts, -1)
+    overlap = coarse.overlap.reshape(n_starts, -1)
+    score = np.where(overlap >= 0.8 * overlap.max(0), residual, np.inf)
+    return np.argmin(score, axis=0)
+
+
 def estimate_head_motion(
     series: np.ndarray,
     affine,
@@ -47,17 +137,37 @@ def estimate_head_motion(
     device: str = "cpu",
     chunk_size: int = 64,
     progress=None,
-) -> RigidResult:
+    network: UniMoRigidNet | None = None,
+    refine: bool = True,
+) -> HeadMotion:
     """Rigid transforms aligning every volume of a series to the reference.
 
     series: (X, Y, Z, T); reference: (X, Y, Z) on the same grid (``affine``).
     reference_mask: (X, Y, Z) bool brain mask of the reference.
     shape_series, shape_reference: optional signed distance maps (mm) of each volume's and the
-        reference's mask, same shapes as series / reference; used as a second channel.
+        reference's mask, same shapes as series / reference; the shape branch's input and a
+        second channel of the refinement's coarse levels.
     chunk_size: volumes registered at once, which bounds memory on long series.
     progress: optional callable(n_done) called after each chunk.
-    Returns a RigidResult with transforms (T, 4, 4) world reference -> world volume.
+    network: the UniMo network; its fused estimate is a start for the refinement. Each volume is
+        refined from the identity and from the network's estimate at the coarsest level, and
+        goes on from the better one, so the network widens the capture range without costing
+        accuracy where it is less precise than the refinement.
+    refine: False returns the network's fused estimate alone (needs ``network``).
     """
+    if not refine and network is None:
+        raise ValueError("refine=False needs a network")
+    n_vols = series.shape[-1]
+    estimates = None
+    if network is not None:
+        estimates = network_head_motion(network, series, affine, reference, reference_mask,
+                                        shape_series, shape_reference, device, chunk_size)
+    if not refine:
+        if progress is not None:
+            progress(n_vols)
+        return HeadMotion(estimates.fused, np.full(n_vols, np.nan), np.zeros(n_vols, int),
+                          estimates, np.ones(n_vols, int))
+
     use_shape = shape_series is not None and shape_reference is not None
     fixed = [reference]
     if use_shape:
@@ -66,22 +176,36 @@ def estimate_head_motion(
     weight = torch.as_tensor(registration_weight(reference_mask, affine), device=device)
     levels = IMAGE_SHAPE_LEVELS if use_shape else IMAGE_LEVELS
 
-    results = []
-    n_vols = series.shape[-1]
-    for start in range(0, n_vols, chunk_size):
-        stop = min(start + chunk_size, n_vols)
-        moving = _as_batch(series, start, stop)
+    results, starts = [], []
+    for begin in range(0, n_vols, chunk_size):
+        stop = min(begin + chunk_size, n_vols)
+        moving = _as_batch(series, begin, stop)
         if use_shape:
-            shapes = _as_batch(np.clip(shape_series, -SHAPE_CLIP_MM, SHAPE_CLIP_MM), start, stop)
+            shapes = _as_batch(np.clip(shape_series, -SHAPE_CLIP_MM, SHAPE_CLIP_MM), begin, stop)
             moving = torch.cat([moving, shapes], dim=1)
-        results.append(register_rigid(fixed_t, moving.to(device), affine, affine, weight,
-                                      levels=levels))
+        moving = moving.to(device)
+        if estimates is None:
+            results.append(register_rigid(fixed_t, moving, affine, affine, weight,
+                                          levels=levels))
+            starts.append(np.zeros(stop - begin, int))
+        else:
+            candidates = np.concatenate([np.tile(np.eye(4), (stop - begin, 1, 1)),
+                                         estimates.fused[begin:stop]])
+            coarse = register_rigid(fixed_t, moving.repeat(2, 1, 1, 1, 1), affine, affine,
+                                    weight, init=candidates, levels=levels[:1])
+            pick = _pick_start(coarse, 2)
+            init = coarse.transforms.reshape(2, stop - begin, 4, 4)[pick, np.arange(stop - begin)]
+            results.append(register_rigid(fixed_t, moving, affine, affine, weight, init=init,
+                                          levels=levels[1:]))
+            starts.append(pick)
         if progress is not None:
-            progress(stop - start)
-    return RigidResult(
+            progress(stop - begin)
+    return HeadMotion(
         transforms=np.concatenate([r.transforms for r in results]),
         residual=np.concatenate([r.residual for r in results]),
         iterations=np.concatenate([r.iterations for r in results]),
+        network=estimates,
+        start=np.concatenate(starts),
     )
 
 

@@ -39,11 +39,14 @@ DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
 class RigidResult:
     """transforms: (B, 4, 4) float64 world (fixed) -> world (moving).
     residual: (B,) robust normalised residual at the finest level (0 = perfect match).
-    iterations: (B,) Gauss-Newton iterations used at the finest level."""
+    iterations: (B,) Gauss-Newton iterations used at the finest level.
+    overlap: (B,) fraction of the weighted fixed points that fell inside the moving field of
+        view at the last iteration (a residual over few points is not comparable)."""
 
     transforms: np.ndarray
     residual: np.ndarray
     iterations: np.ndarray
+    overlap: np.ndarray | None = None
 
 
 def level_grid(shape, affine, spacing_factor: float):
@@ -145,6 +148,7 @@ def register_rigid(
     center = torch.as_tensor(grid_center(fixed.shape[1:], fixed_affine), device=device)
     residual = torch.zeros(batch, dtype=torch.float64, device=device)
     used = torch.zeros(batch, dtype=torch.long, device=device)
+    overlap = torch.ones(batch, dtype=torch.float64, device=device)
 
     for level in levels:
         weights_c = torch.as_tensor(level.channel_weights, dtype=fixed.dtype, device=device)
@@ -205,6 +209,9 @@ def register_rigid(
             used[idx] += 1
             residual[idx] = ((robust * error.abs() ** 2 * weight[:, None]).sum((-1, -2))
                              / (weight.sum(-1) * fixed_values.shape[0])).sqrt().to(torch.float64)
+            overlap[idx] = (weight.sum(-1) / base_weight.sum().clamp_min(1e-12)).to(
+                torch.float64)
             motion = step[:, :3].norm(dim=-1) * 50.0 + step[:, 3:].norm(dim=-1)
             active[idx] = motion > tolerance
-    return RigidResult(transforms.cpu().numpy(), residual.cpu().numpy(), used.cpu().numpy())
+    return RigidResult(transforms.cpu().numpy(), residual.cpu().numpy(), used.cpu().numpy(),
+                       overlap.cpu().numpy())

@@ -34,6 +34,8 @@ class WorkflowOptions:
     device: str = "cpu"
     omp_nthreads: int = 1
     seed: int | None = None
+    weights: str | None = None
+    refine: bool = True
 
 
 def init_unimo_bids_wf(runs: list[SeriesRun], options: WorkflowOptions) -> Workflow:
@@ -85,5 +87,6 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
             hmc_ref=options.hmc_ref, dummy_scans=options.dummy_scans,
             fd_radius=options.fd_radius, fd_spike_threshold=options.fd_spike_threshold,
             dvars_spike_threshold=options.dvars_spike_threshold, device=options.device,
-            omp_nthreads=options.omp_nthreads, seed=options.seed)])
+            omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
+            refine=options.refine)])
     return workflow

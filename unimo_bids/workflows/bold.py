@@ -69,6 +69,12 @@ def _preproc_sidecar(repetition_time, source_uri, metadata):
     return {"desc-preproc_bold.json": sidecar}
 
 
+NETWORK_DESC = """\
+The UniMo network (E(3)-equivariant keypoints of the volume and of its shape map, each
+aligned to the reference's by a weighted Kabsch solve and fused by a learned SLERP weight)
+estimated each volume's rigid motion. """
+
+
 def init_series_wf(
     bold_file: str,
     bids_dir: str,
@@ -83,6 +89,8 @@ def init_series_wf(
     device: str = "cpu",
     omp_nthreads: int = 1,
     seed: int | None = None,
+    weights: str | None = None,
+    refine: bool = True,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
@@ -102,17 +110,23 @@ def init_series_wf(
         motion-corrected series in the work directory
     """
     workflow = Workflow(name=name or series_workflow_name(bold_file))
+    refinement = (
+        "Starting from the identity or from the network's estimate, whichever fit better at "
+        "the coarsest level, the transforms were refined for all volumes at once by a "
+        "multi-resolution, inverse-compositional Gauss-Newton registration (Huber-weighted, with "
+        "a per-volume linear intensity fit), using the shape maps at the coarse levels and "
+        "intensities throughout." if refine else
+        "The network's fused estimates were used as they are (no test-time refinement).")
     workflow.__desc__ = """\
 Head-motion parameters of the series were estimated with *unimo-bids* against a reference
 volume ({ref}). A brain mask was computed for every volume with robust intensity thresholds,
 morphology and the largest connected component, and its signed Euclidean distance transform (mm)
-served as a shape map. Rigid transforms were estimated for all volumes at once by a
-multi-resolution, inverse-compositional Gauss-Newton registration (Huber-weighted, with a per-volume
-linear intensity fit), using the shape maps at the coarse levels and intensities throughout.
+served as a shape map. {network}{refinement}
 Each volume was then resampled once onto the reference grid (trilinear). Framewise displacement
 (Power, radius {radius:g} mm), RMSD and DVARS were computed with Nipype, and volumes with FD >
 {fd:g} mm or standardised DVARS > {dvars:g} were flagged as motion outliers.
-""".format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold)
+""".format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold,
+           network=NETWORK_DESC, refinement=refinement)
 
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "preproc"]),
                          name="outputnode")
@@ -128,7 +142,8 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
     volume_shapes = pe.Node(ShapeMap(), name="volume_shapes", mem_gb=3 * mem_gb)
     reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
     unimo_rigid = pe.Node(
-        UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed),
+        UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed, weights=weights,
+                   refine=refine),
         name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
     apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads),
                         name="apply_hmc", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
