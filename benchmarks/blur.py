@@ -1,12 +1,12 @@
-"""Cost of ``unimo.resample.gaussian_blur`` (torch conv3d with 1-D kernels) on CPU.
+"""Cost of separable Gaussian blurs on CPU: why ``unimo.resample.gaussian_blur`` uses matmuls.
 
-The registration blurs the moving volumes once per level. ``gaussian_blur`` does it as three
-``F.conv3d`` calls with (k, 1, 1)-shaped kernels and replicate padding. This script times it on
-batches of 64x64x33 volumes (the real BOLD grid) at the sigmas of the coarse levels, against two
-equivalent separable formulations that give the same result to float32 rounding: a matrix
-product with a banded (N, N) Gaussian matrix per axis (replicate padding folded into the matrix;
-pure torch), and ``scipy.ndimage.gaussian_filter1d`` (mode 'nearest' = replicate, same
-truncation). Nothing in the package is changed.
+The registration blurs the moving volumes once per level. This script times, on batches of
+64x64x33 volumes (the real BOLD grid) at the sigmas of the coarse levels, three formulations
+that give the same result to float32 rounding: three ``F.conv3d`` calls with (k, 1, 1)-shaped
+kernels and replicate padding (``resample.blur_axis_conv``, what ``gaussian_blur`` did until
+2026-11-21 and still does on axes longer than ``MATMUL_BLUR_MAX_SIZE``), a matrix product with a
+banded (N, N) Gaussian matrix per axis with the padding folded in (``gaussian_blur`` now), and
+``scipy.ndimage.gaussian_filter1d`` (mode 'nearest' = replicate, same truncation).
 
 Run by hand from the repository root::
 
@@ -28,29 +28,15 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine_line, markdown_table  # noqa: E402
 
-from unimo_bids.unimo.resample import gaussian_blur  # noqa: E402
+from unimo_bids.unimo.resample import blur_axis_conv, gaussian_blur  # noqa: E402
 
 
-def band_matrix(n, sigma, dtype):
-    """(n, n) matrix of the same truncated, normalised kernel with replicate padding."""
-    radius = max(1, int(round(3.0 * sigma)))
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
-    out = np.zeros((n, n))
-    for i in range(n):
-        for off, k in zip(offsets, kernel):
-            out[i, min(max(i + off, 0), n - 1)] += k
-    return torch.as_tensor(out, dtype=dtype)
-
-
-def blur_matmul(volumes, sigma_vox):
+def blur_conv(volumes, sigma_vox):
+    """The former ``gaussian_blur``: one conv3d with a 1-D kernel per axis."""
     out = volumes
     for axis, sigma in enumerate(sigma_vox):
-        if sigma <= 0.05:
-            continue
-        matrix = band_matrix(volumes.shape[2 + axis], sigma, volumes.dtype)
-        out = torch.movedim(torch.tensordot(out, matrix, dims=([2 + axis], [1])), -1, 2 + axis)
+        if sigma > 0.05:
+            out = blur_axis_conv(out, axis, sigma)
     return out
 
 
@@ -100,8 +86,8 @@ def main(argv=None) -> int:
                                                           dtype=np.float32))
             for label, sigma in sigmas.items():
                 gaussian_blur(volumes[:1], sigma)  # first-call costs
-                t_conv, ref = timed(gaussian_blur, volumes, sigma, repeats=repeats)
-                t_mm, out_mm = timed(blur_matmul, volumes, sigma, repeats=repeats)
+                t_conv, ref = timed(blur_conv, volumes, sigma, repeats=repeats)
+                t_mm, out_mm = timed(gaussian_blur, volumes, sigma, repeats=repeats)
                 t_sp, out_sp = timed(blur_scipy, volumes, sigma, repeats=repeats)
                 diff = max(float((out_mm - ref).abs().max()), float((out_sp - ref).abs().max()))
                 rows.append([f"{batch}x{channels}x64x64x33", f"{label} {sigma}",
@@ -109,8 +95,8 @@ def main(argv=None) -> int:
                              f"{1000 * t_mm:.0f}", f"{1000 * t_sp:.0f}",
                              f"{t_conv / t_mm:.1f}", f"{diff:.1e}"])
     print(f"Best of {repeats} runs, ms\n")
-    print(markdown_table(["volumes (B x C x X x Y x Z)", "sigma", "gaussian_blur (conv3d)",
-                          "banded matmul (torch)", "scipy gaussian_filter1d",
+    print(markdown_table(["volumes (B x C x X x Y x Z)", "sigma", "conv3d (blur_axis_conv)",
+                          "banded matmul (gaussian_blur)", "scipy gaussian_filter1d",
                           "conv3d / matmul", "max abs difference"], rows))
     return 0
 

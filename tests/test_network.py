@@ -91,7 +91,7 @@ def test_checkpoints_round_trip_and_bad_files_are_named(tmp_path):
     net = UniMoRigidNet("cpu", num_keypoints=4, lam=0.3)
     save_network(net, tmp_path / "net.pt", {"note": "test"})
     again = load_network(tmp_path / "net.pt")
-    assert again.num_keypoints == 4 and abs(float(again.lam) - 0.3) < 1e-6
+    assert again.num_keypoints == 4 and abs(float(again.lam.detach()) - 0.3) < 1e-6
     for name, value in net.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
     (tmp_path / "junk.pt").write_bytes(b"junk")

@@ -53,32 +53,32 @@ def model_card(summary: dict, checkpoint: str) -> str:
                + "\n".join(chain) + "\n") if chain else ""
     return f"""# UniMo rigid network: `{Path(checkpoint).name}`
 
-Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} ({summary["device"]},
-torch {summary["torch_version"]}) by:
+Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
+({summary["device"]}, torch {summary["torch_version"]}) by:
 
     {summary["command"]}
 {history}
-- **Architecture:** two E(3)-equivariant keypoint encoders (e3nn steerable voxel convolutions,
-  preset `{summary["preset"]}`: {summary["parameters"]:,} parameters, {summary["keypoints"]}
-  keypoints per branch), one on intensities and one on the signed distance map of the brain
-  mask, each solved by weighted Kabsch; fused by SLERP with the learned weight
-  lambda = {summary["lambda"]:.3f} (0 = image branch, 1 = shape branch).
-- **Data:** {summary["anatomy"]}. Every sample is a new contrast (random tissue intensities,
-  gamma, bias field, noise, with or without the head around the brain), moved by a random rigid
-  transform (half uniform on SO(3), half up to 60 degrees; up to 20 mm), a third cut by a
-  static field-of-view plane; shape maps from masks thresholded at random levels. No scan from
-  any dataset was used, so nothing here is tuned to a benchmark's images.
-- **Training:** {summary["steps"]} Adam steps of {summary["batch"]} pairs (learning rate
-  {summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes.
-  Loss: log(1 + mean displacement error over brain points, mm) of each branch and of the fusion.
-- **Validation** ({summary["validation_pairs"]} fixed synthetic pairs, rotations uniform on
-  SO(3); mean displacement error over the brain, mm):
+- **Architecture:** two E(3)-equivariant keypoint encoders (e3nn steerable voxel convolutions, \
+preset `{summary["preset"]}`: {summary["parameters"]:,} parameters, \
+{summary["keypoints"]} keypoints per branch), one on intensities and one on the signed distance \
+map of the brain mask, each solved by weighted Kabsch; fused by SLERP with the learned weight \
+lambda = {summary["lambda"]:.3f} (0 = image branch, 1 = shape branch).
+- **Data:** {summary["anatomy"]}. Every sample is a new contrast (random tissue intensities, \
+gamma, bias field, noise, with or without the head around the brain), moved by a random rigid \
+transform (half uniform on SO(3), half up to 60 degrees; up to 20 mm), a third cut by a static \
+field-of-view plane (the image only); shape maps from masks thresholded at random levels. No scan from any \
+dataset was used, so nothing here is tuned to a benchmark's images.
+- **Training:** {summary["steps"]} Adam steps of {summary["batch"]} pairs (learning rate \
+{summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes. \
+Loss: log(1 + mean displacement error over brain points, mm) of each branch and of the fusion.
+- **Validation** ({summary["validation_pairs"]} fixed synthetic pairs, rotations uniform on \
+SO(3); mean displacement error over the brain, mm):
 
 | estimate | before training | after |
 |---|---|---|
 {rows}
 
-Use: the network's fused estimate starts the test-time refinement (`unimo-bids`, default), or
+Use: the network's fused estimate starts the test-time refinement (`unimo-bids`, default), or \
 stands alone with `--no-refine`. Measured accuracy on real volumes: docs/benchmarks.md.
 """
 

@@ -9,6 +9,7 @@ import torch
 from scipy import ndimage
 
 from .geometry import voxel_sizes
+from .heap import retained_heap
 from .network import UniMoRigidNet, centroids, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
 from .resample import resample, voxel_map
@@ -157,6 +158,13 @@ def estimate_head_motion(
     """
     if not refine and network is None:
         raise ValueError("refine=False needs a network")
+    with retained_heap():
+        return _estimate(series, affine, reference, reference_mask, shape_series,
+                         shape_reference, device, chunk_size, progress, network, refine)
+
+
+def _estimate(series, affine, reference, reference_mask, shape_series, shape_reference, device,
+              chunk_size, progress, network, refine) -> HeadMotion:
     n_vols = series.shape[-1]
     estimates = None
     if network is not None:
