@@ -61,8 +61,8 @@ Before the table, the LPS -> RAS conversion of ANTs and SimpleITK is checked on 
 moved by a known pure translation; the script stops if it does not come back within 0.5 mm.
 
 antspyx pins numpy < 2.4, so it lives in a virtual environment that sees the project's packages
-(see benchmarks/compare_ants.py). Full run, from the repository root (about
-15 min on 2 idle cores)::
+(see benchmarks/compare_ants.py). Full run, from the repository root (3 min on 2 cores,
+measured 2026-11-21)::
 
     nice -n 10 /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py
     /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py --quick --weights /tmp/tr/smoke.pt
