@@ -65,7 +65,7 @@ antspyx pins numpy < 2.4, so it lives in a virtual environment that sees the pro
 measured 2026-11-21)::
 
     nice -n 10 /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py
-    /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py --quick --weights /tmp/tr/smoke.pt
+    /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py --quick --weights my_weights.pt
     /tmp/ants-venv/bin/python benchmarks/hmc_accuracy.py --device cuda --methods unimo \\
         unimo-no-refine
 """
