@@ -25,6 +25,14 @@ DATA_HELP = ("Real data are read from $UNIMO_TEST_DATA (default when unset: "
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def lps_frame(affine):
+    """ITK's physical frame of a RAS NIfTI grid: origin (3,), spacing (3,), direction (3, 3)
+    in LPS, as ANTs and SimpleITK images want it."""
+    lps = LPS @ np.asarray(affine, dtype=float)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(0))
+    return lps[:3, 3], spacing, lps[:3, :3] / spacing
+
+
 def lps_point_map_to_ras(apply_point) -> np.ndarray:
     """4x4 RAS matrix of an ITK-style linear transform given as a function LPS point -> LPS point
     (ANTs' ``apply_to_point``, SimpleITK's ``TransformPoint``). It is read off where four points

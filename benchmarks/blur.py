@@ -70,11 +70,12 @@ def main(argv=None) -> int:
     repeats = 2 if args.quick else 5
     batches = [20] if args.quick else [20, 64]
     # the sigmas (voxels) that register_rigid uses at its 4x and 2x levels on the BOLD grid
-    from unimo_bids.unimo.register import _blur_sigma, level_grid
+    from unimo_bids.unimo.register import level_grid
+    from unimo_bids.unimo.resample import band_limit_sigma
 
     affine = np.diag([3.375, 3.375, 3.4, 1.0])
     sigmas = {f"{f:g}x level": [round(float(s), 2) for s in
-                                _blur_sigma(affine, level_grid((64, 64, 33), affine, f)[2])]
+                                band_limit_sigma(affine, level_grid((64, 64, 33), affine, f)[2])]
               for f in (4.0, 2.0)}
     print(f"Command: `{command_line()}`\n")
     print(f"Machine: {machine_line()}\n")

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     LPS,
     command_line,
+    lps_frame,
     lps_point_map_to_ras,
     machine_line,
     markdown_table,
@@ -62,10 +63,9 @@ def to_ants(volume, affine):
     """A 3D numpy volume on a RAS NIfTI grid -> ants image with the same physical space."""
     import ants
 
-    lps = LPS @ np.asarray(affine, dtype=float)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(0))
-    return ants.from_numpy(np.asarray(volume, dtype=np.float32), origin=tuple(lps[:3, 3]),
-                           spacing=tuple(spacing), direction=lps[:3, :3] / spacing)
+    origin, spacing, direction = lps_frame(affine)
+    return ants.from_numpy(np.asarray(volume, dtype=np.float32), origin=tuple(origin),
+                           spacing=tuple(spacing), direction=direction)
 
 
 def ants_matrix_ras(transform_file):

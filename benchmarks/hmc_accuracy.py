@@ -91,9 +91,9 @@ from scipy.spatial.transform import Rotation
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DEFAULT_DATA,
-    LPS,
     blur_to_psf,
     command_line,
+    lps_frame,
     lps_point_map_to_ras,
     machine_line,
     markdown_table,
@@ -288,13 +288,12 @@ def to_ants_series(series, affine):
     """(X, Y, Z, T) numpy series on a RAS grid -> 4D ants image in the same physical space."""
     import ants
 
-    lps = LPS @ np.asarray(affine, dtype=float)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(0))
-    direction = np.eye(4)
-    direction[:3, :3] = lps[:3, :3] / spacing
+    origin, spacing, direction = lps_frame(affine)
+    direction4 = np.eye(4)
+    direction4[:3, :3] = direction
     return ants.from_numpy(np.ascontiguousarray(series, dtype=np.float32),
-                           origin=tuple(lps[:3, 3]) + (0.0,),
-                           spacing=tuple(spacing) + (1.0,), direction=direction)
+                           origin=tuple(origin) + (0.0,),
+                           spacing=tuple(spacing) + (1.0,), direction=direction4)
 
 
 def run_ants(case, seed, use_manual):
@@ -316,13 +315,12 @@ def to_sitk(volume, affine):
     """A 3D numpy volume on a RAS grid -> SimpleITK image in the same (LPS) physical space."""
     import SimpleITK as sitk
 
-    lps = LPS @ np.asarray(affine, dtype=float)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(0))
+    origin, spacing, direction = lps_frame(affine)
     # SimpleITK arrays are indexed (z, y, x)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(volume, (2, 1, 0))))
-    image.SetOrigin(tuple(lps[:3, 3]))
+    image.SetOrigin(tuple(origin))
     image.SetSpacing(tuple(spacing))
-    image.SetDirection(tuple((lps[:3, :3] / spacing).ravel()))
+    image.SetDirection(tuple(direction.ravel()))
     return image
 
 

@@ -18,13 +18,12 @@ from scipy import ndimage
 
 from unimo_bids.cli.train import main as train_main
 from unimo_bids.cli.train import mni_anatomy
-from unimo_bids.unimo.geometry import grid_center, mean_displacement, world_points
+from unimo_bids.unimo.geometry import centroids, grid_center, mean_displacement, world_points
 from unimo_bids.unimo.hmc import estimate_head_motion
 from unimo_bids.unimo.keypoints import to_working_grid
 from unimo_bids.unimo.network import (
     DEFAULT_WEIGHTS,
     UniMoRigidNet,
-    centroids,
     encode_inputs,
     load_network,
     network_estimates,

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 )
 from nitransforms.linear import LinearTransformsMapping
 
-from ..unimo.geometry import grid_center, mean_displacement, motion_parameters
+from ..unimo.geometry import grid_center, mean_displacement, motion_parameters, world_points
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
 from ..unimo.network import load_network
 
@@ -73,8 +73,7 @@ def _set_threads(num_threads: int, seed: int | None) -> None:
 def network_diagnostics(result, affine, mask) -> dict:
     """Per-volume columns describing the network's part in ``result`` (a HeadMotion)."""
     center = grid_center(mask.shape, affine)
-    index = np.argwhere(mask)[::7].astype(float)
-    points = index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    points = world_points(mask.shape, affine, mask)[::7]
     columns = {"unimo_lambda": np.full(len(result.transforms), result.network.lam),
                "unimo_refine_shift": mean_displacement(result.network.fused, result.transforms,
                                                        points),

@@ -40,6 +40,18 @@ def world_points(shape, affine, mask=None) -> np.ndarray:
     return index @ affine[:3, :3].T + affine[:3, 3]
 
 
+def centroids(masks: np.ndarray, affine) -> np.ndarray:
+    """(..., X, Y, Z) bool masks -> (..., 3) world centroids; an empty mask gives NaN."""
+    masks = np.asarray(masks, dtype=bool)
+    index = np.indices(masks.shape[-3:]).reshape(3, -1).astype(float)
+    flat = masks.reshape(masks.shape[:-3] + (-1,)).astype(float)
+    count = flat.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = flat @ index.T / count
+    affine = np.asarray(affine, dtype=float)
+    return mean @ affine[:3, :3].T + affine[:3, 3]
+
+
 def rigid_from_params(params: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     """Rigid matrices from rotation-vector + translation parameters about a centre.
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .geometry import voxel_sizes
+from .geometry import centroids, voxel_sizes
 from .heap import retained_heap
-from .network import UniMoRigidNet, centroids, encode_inputs, network_estimates
+from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
 from .resample import resample, voxel_map
 
@@ -189,7 +189,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
         stop = min(begin + chunk_size, n_vols)
         moving = _as_batch(series, begin, stop)
         if use_shape:
-            shapes = _as_batch(np.clip(shape_series, -SHAPE_CLIP_MM, SHAPE_CLIP_MM), begin, stop)
+            shapes = _as_batch(shape_series, begin, stop).clamp(-SHAPE_CLIP_MM, SHAPE_CLIP_MM)
             moving = torch.cat([moving, shapes], dim=1)
         moving = moving.to(device)
         if estimates is None:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from e3nn import o3
 from e3nn.nn.models.v2104.voxel_convolution import Convolution
 
-from .geometry import grid_center, homogeneous, voxel_sizes
-from .resample import gaussian_blur, resample, voxel_map
+from .geometry import centroids, grid_center, homogeneous, voxel_sizes
+from .resample import band_limit_sigma, gaussian_blur, resample, voxel_map
 from .rotations import weighted_kabsch
 
 __all__ = [
@@ -85,8 +85,7 @@ def working_grid(shape, affine, spacing_mm: float | None, size: int, mask=None):
     """
     affine = np.asarray(affine, dtype=float)
     if mask is not None and np.asarray(mask).any():
-        index = np.argwhere(np.asarray(mask, dtype=bool)).mean(axis=0)
-        center = affine[:3, :3] @ index + affine[:3, 3]
+        center = centroids(mask, affine)
     else:
         center = grid_center(shape, affine)
     if spacing_mm is None:
@@ -125,11 +124,8 @@ def to_working_grid(
         transforms = torch.eye(4, dtype=torch.float64, device=device).expand(
             volumes.shape[0], 4, 4)
     if antialias:
-        spacing = voxel_sizes(grid_affine).min()
-        vox = voxel_sizes(affine)
-        # Same band limit as the registration pyramid: total sigma of half the target spacing.
-        sigma = np.sqrt(np.maximum((0.5 * spacing) ** 2 - (0.5 * vox) ** 2, 0.0)) / vox
-        volumes = gaussian_blur(volumes, list(sigma))
+        # Same band limit as the registration pyramid.
+        volumes = gaussian_blur(volumes, band_limit_sigma(affine, voxel_sizes(grid_affine).min()))
     transforms = torch.as_tensor(transforms, dtype=torch.float64, device=device)
     maps = voxel_map(transforms, affine_t, grid_t)
     return resample(volumes, maps, tuple(grid_shape), padding_mode=padding_mode).to(dtype)

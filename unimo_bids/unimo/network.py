@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .geometry import homogeneous
@@ -203,15 +202,3 @@ def load_network(path=None, device="cpu") -> UniMoRigidNet:
                          f"unimo-bids ({reason})") from err
     net.training_info = checkpoint.get("training", {})
     return net.to(device).eval()
-
-
-def centroids(masks: np.ndarray, affine) -> np.ndarray:
-    """(..., X, Y, Z) bool masks -> (..., 3) world centroids; an empty mask gives NaN."""
-    masks = np.asarray(masks, dtype=bool)
-    index = np.indices(masks.shape[-3:]).reshape(3, -1).astype(float)
-    flat = masks.reshape(masks.shape[:-3] + (-1,)).astype(float)
-    count = flat.sum(-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = flat @ index.T / count
-    affine = np.asarray(affine, dtype=float)
-    return mean @ affine[:3, :3].T + affine[:3, 3]

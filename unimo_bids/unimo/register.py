@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .geometry import grid_center, rigid_from_params, rigid_inverse, voxel_sizes
-from .resample import gaussian_blur, sample_points
+from .resample import band_limit_sigma, gaussian_blur, sample_points
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,6 @@ def level_grid(shape, affine, spacing_factor: float):
     return tuple(int(n) for n in new_shape), new_affine, spacing
 
 
-def _blur_sigma(affine, spacing) -> list[float]:
-    """Per-axis Gaussian sigma (voxels) that band-limits data to a working spacing (mm)."""
-    vox = voxel_sizes(affine)
-    sigma_mm = np.sqrt(np.maximum((0.5 * spacing) ** 2 - (0.5 * vox) ** 2, 0.0))
-    return list(sigma_mm / vox)
-
-
 def _fixed_level(fixed, fixed_affine, fixed_weight, level: Level):
     """Sample the fixed image, its world gradient and its weight on the level grid.
 
@@ -77,7 +70,7 @@ def _fixed_level(fixed, fixed_affine, fixed_weight, level: Level):
     """
     shape, affine, spacing = level_grid(fixed.shape[1:], fixed_affine, level.spacing_factor)
     device, dtype = fixed.device, fixed.dtype
-    blurred = gaussian_blur(fixed[None], _blur_sigma(fixed_affine, spacing))
+    blurred = gaussian_blur(fixed[None], band_limit_sigma(fixed_affine, spacing))
     index = torch.stack(
         torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=device) for n in shape],
                        indexing="ij"), dim=-1).reshape(-1, 3)
@@ -157,7 +150,7 @@ def register_rigid(
             continue
         points, fixed_values, jacobian, base_weight, spacing = _fixed_level(
             fixed, fixed_affine, fixed_weight, level)
-        moving_level = gaussian_blur(moving, _blur_sigma(moving_affine, spacing))
+        moving_level = gaussian_blur(moving, band_limit_sigma(moving_affine, spacing))
         scale = _robust_scale(fixed_values, base_weight)  # (C,)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used.zero_()

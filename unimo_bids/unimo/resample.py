@@ -7,8 +7,11 @@ swap the axes once, here, and nowhere else.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .geometry import voxel_sizes
 
 
 def _normalise_matrix(shape, dtype, device) -> torch.Tensor:
@@ -82,6 +85,14 @@ def sample_points(
 # Up to this many voxels along an axis, a dense (n, n) banded matrix product (BLAS) beats
 # conv3d with a 1-D kernel 8-15x on CPU (benchmarks/blur.py); beyond, its n MACs per voxel lose.
 MATMUL_BLUR_MAX_SIZE = 160
+
+
+def band_limit_sigma(affine, spacing_mm) -> list[float]:
+    """Per-axis Gaussian sigma (voxels of ``affine``) that band-limits data to a working
+    spacing (mm, scalar or per axis): a total sigma of half the spacing, less the voxel's own."""
+    vox = voxel_sizes(affine)
+    sigma_mm = np.sqrt(np.maximum((0.5 * np.asarray(spacing_mm)) ** 2 - (0.5 * vox) ** 2, 0.0))
+    return list(sigma_mm / vox)
 
 
 def gaussian_kernel(sigma: float, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -25,10 +25,10 @@ import roma
 import torch
 from scipy import ndimage
 
-from .geometry import homogeneous, rigid_inverse, voxel_sizes
+from .geometry import centroids, homogeneous, rigid_inverse, voxel_sizes, world_points
 from .keypoints import shape_input, to_working_grid
-from .resample import gaussian_blur
-from .network import RigidEstimates, UniMoRigidNet, centroids, network_estimates, translations
+from .resample import band_limit_sigma, gaussian_blur
+from .network import RigidEstimates, UniMoRigidNet, network_estimates, translations
 from .shape import signed_distance
 
 __all__ = ["Anatomy", "sample_pairs", "displacement_error", "evaluate", "train"]
@@ -51,8 +51,7 @@ class Anatomy:
         self._band_limited = {}
         mask = self.brain > 0.5
         self.center = centroids(mask, self.affine)
-        points = np.argwhere(mask)[::97].astype(float)
-        self.points = torch.as_tensor(points @ self.affine[:3, :3].T + self.affine[:3, 3])
+        self.points = torch.as_tensor(world_points(mask.shape, self.affine, mask)[::97])
         # Segmentations at several thresholds: the shape branch must tolerate their differences.
         self.distance_maps = torch.as_tensor(np.stack([
             signed_distance(ndimage.binary_fill_holes(self.brain > level),
@@ -63,10 +62,8 @@ class Anatomy:
         """(C, X, Y, Z) tissue maps blurred once for a working spacing (as ``to_working_grid``
         would blur each sample: contrasts are linear in the maps, so one blur serves all)."""
         if spacing_mm not in self._band_limited:
-            vox = voxel_sizes(self.affine)
-            sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - (0.5 * vox) ** 2, 0.0)) / vox
-            self._band_limited[spacing_mm] = gaussian_blur(self.tissues_t[None],
-                                                           list(sigma))[0]
+            self._band_limited[spacing_mm] = gaussian_blur(
+                self.tissues_t[None], band_limit_sigma(self.affine, spacing_mm))[0]
         return self._band_limited[spacing_mm]
 
 
