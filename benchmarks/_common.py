@@ -217,3 +217,16 @@ def load_series_with_reference_mask(path):
     voxel = tuple(float(z) for z in img.header.get_zooms()[:3])
     ref = data[..., data.shape[-1] // 2]
     return img, data, voxel, ref, reference_mask(ref, voxel)
+
+
+def write_section(path, section: str, text: str) -> None:
+    """Replace (or append) the ``section`` heading's part of a markdown file with ``text``."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    start = old.find(section)
+    if start < 0:
+        new = old.rstrip() + ("\n\n" if old.strip() else "") + text
+    else:
+        end = old.find("\n## ", start + len(section))
+        new = old[:start] + text.rstrip() + ("" if end < 0 else "\n\n" + old[end:].lstrip("\n"))
+    path.write_text(new.rstrip() + "\n")

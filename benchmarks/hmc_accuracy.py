@@ -47,6 +47,9 @@ Methods:
   + estimation (the network is loaded once, untimed).
 - ``unimo-no-refine``: the same, ``refine=False`` (the network alone).
 - ``unimo-no-network``: the same, ``network=None`` (classical refinement from the identity).
+- ``unimo-tracked``: the moving-anatomy mode (``tracking.track_moving_anatomy``): registration
+  inside the reference mask shrunk by 2.5 mm, the mask tracked through the series and checked
+  against each volume's mask (the manual ones with ``--manual-fetal-mask``).
 - ``ants``: antspyx ``ants.motion_correction(series, fixed=volume 0,
   type_of_transform='BOLDRigid')`` (Mattes MI, centre-of-mass start, 2 levels, no mask unless
   ``--manual-fetal-mask``); timed as a whole, which includes antspyx's resampling of every volume
@@ -98,6 +101,7 @@ from _common import (  # noqa: E402
     machine_line,
     markdown_table,
     warm_up,
+    write_section,
 )
 from compare_ants import ants_matrix_ras, to_ants  # noqa: E402
 from rigid_accuracy import bold_scene  # noqa: E402
@@ -113,6 +117,7 @@ from unimo_bids.unimo.network import load_network  # noqa: E402
 from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
 from unimo_bids.unimo.shape import signed_distance  # noqa: E402
 from unimo_bids.unimo.synthetic import random_rigid_motions, simulate_series  # noqa: E402
+from unimo_bids.unimo.tracking import track_moving_anatomy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAIL_MM = 5.0
@@ -284,6 +289,19 @@ def run_unimo(case, network, refine, device, use_manual):
     return result.transforms
 
 
+def run_unimo_tracked(case, network, device, use_manual):
+    """The moving-anatomy mode: register inside the reference mask, track it (the manual masks
+    with ``--manual-fetal-mask``, else the classical ones)."""
+    if use_manual and case.manual_masks is not None:
+        masks = np.ascontiguousarray(np.moveaxis(case.manual_masks, -1, 0))
+    else:
+        masks = brain_mask(np.ascontiguousarray(np.moveaxis(case.series, -1, 0)),
+                           voxel_sizes(case.affine))
+    return track_moving_anatomy(case.series, case.affine, case.series[..., 0],
+                                reference_mask_of(case, use_manual), masks, network=network,
+                                device=device).transforms
+
+
 def to_ants_series(series, affine):
     """(X, Y, Z, T) numpy series on a RAS grid -> 4D ants image in the same physical space."""
     import ants
@@ -363,10 +381,11 @@ METHOD_LABELS = {
     "unimo": "unimo",
     "unimo-no-refine": "unimo --no-refine",
     "unimo-no-network": "unimo, no network",
+    "unimo-tracked": "unimo --moving-anatomy",
     "ants": "antspyx BOLDRigid",
     "sitk": "SimpleITK",
 }
-NETWORK_METHODS = ("unimo", "unimo-no-refine")
+NETWORK_METHODS = ("unimo", "unimo-no-refine", "unimo-tracked")
 
 
 def make_methods(names, args):
@@ -382,6 +401,8 @@ def make_methods(names, args):
         "unimo": partial(unimo, network=network, refine=True),
         "unimo-no-refine": partial(unimo, network=network, refine=False),
         "unimo-no-network": partial(unimo, network=None, refine=True),
+        "unimo-tracked": partial(run_unimo_tracked, network=network, device=args.device,
+                                 use_manual=args.manual_fetal_mask),
         "ants": partial(run_ants, seed=args.seed, use_manual=args.manual_fetal_mask),
         "sitk": partial(run_sitk, use_manual=args.manual_fetal_mask),
     }
@@ -465,19 +486,6 @@ def warm_up_methods(case, methods):
     for name in methods:
         if name.startswith("unimo"):
             methods[name](two)
-
-
-def write_section(path, text):
-    """Replace (or append) this script's section of a markdown file."""
-    path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip() + ("\n\n" if old.strip() else "") + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text.rstrip() + ("" if end < 0 else "\n\n" + old[end:].lstrip("\n"))
-    path.write_text(new.rstrip() + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +586,7 @@ def main(argv=None) -> int:
             + f"\n\n{regimes}\n\n" + markdown_table(HEADERS, rows))
     print(body)
     if args.write:
-        write_section(args.write, "\n".join(
+        write_section(args.write, SECTION, "\n".join(
             [SECTION, ""] + header + ([conversion, ""] if conversion else []) + [body]))
     return 0
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ["NIPYPE_NO_ET"] = "1"
+# The default --template check runs only when its template is installed. Point TemplateFlow at
+# an empty folder, so that the suite gives the same results on a machine that has templates;
+# the template tests set their own TEMPLATEFLOW_HOME.
+os.environ["TEMPLATEFLOW_HOME"] = tempfile.mkdtemp(prefix="unimo-empty-templateflow-")
 
 # Every series output of the participant level (DESIGN.md, "Output contract").
 CONTRACT = [

@@ -321,3 +321,22 @@ def test_real_transforms_are_rigid_and_reproduce_preproc(real_run):
     assert inside.mean() > 0.9
     scale = np.abs(preproc[..., index]).max()
     assert np.abs(moved - preproc[..., index])[inside].max() < 1e-3 * scale
+
+
+def test_template_check_keeps_a_good_real_mask(real_run, monkeypatch):
+    """--template with the shared TEMPLATEFLOW_HOME: MNI152NLin2009cAsym's brain mask is fitted
+    to the real BOLD reference's mask, agrees with it, and the mask is kept."""
+    data = shared_data()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(data / "templateflow"))
+    root = real_run["bids"].parent
+    out = root / "out-template"
+    code = main([str(real_run["bids"]), str(out), "participant", "-w", str(root / "work"),
+                 "--nprocs", "2", "--template", "MNI152NLin2009cAsym"])
+    assert code == 0
+    sidecar = json.loads(_output(out, "desc-brain_mask.json").read_text())
+    report = sidecar["TemplateCheck"]
+    assert report["template"] == "MNI152NLin2009cAsym"
+    assert report["dice"] > 0.85 and not report["corrected"]
+    kept = nb.load(_output(out, "desc-brain_mask.nii.gz")).get_fdata()
+    assert np.array_equal(kept, nb.load(_output(real_run["out"],
+                                                "desc-brain_mask.nii.gz")).get_fdata())

@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop at the first failing node instead of finishing other runs")
 
     g_hmc = parser.add_argument_group("Motion correction")
-    g_hmc.add_argument("--hmc-ref", type=_hmc_ref, default="auto",
+    g_hmc.add_argument("--hmc-ref", type=_hmc_ref, default=None,
                        help="reference: auto (low-motion volume near the median), first, "
-                            "middle, mean, or a volume index")
+                            "middle, mean, or a volume index (default: auto; first when a "
+                            "reference mask is given by --ref-mask or --derivatives, which "
+                            "must be drawn on that volume)")
     g_hmc.add_argument("--weights", type=Path, default=None, metavar="PATH",
                        help="UniMo network checkpoint (default: the packaged weights, "
                             "made with unimo-bids-train)")
@@ -138,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="leading non-steady-state volumes (default: detected)")
     g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                        help="seed for every random choice")
+
+    g_seg = parser.add_argument_group("Masks and moving anatomy")
+    g_seg.add_argument("--moving-anatomy", action="store_true",
+                       help="the anatomy in the reference mask moves inside still tissue (fetal "
+                            "MRI): register inside that mask only and track it through the "
+                            "series, iterating segmentation and registration")
+    g_seg.add_argument("--ref-mask", type=Path, default=None, metavar="PATH",
+                       help="mask of the moving anatomy on the reference volume (3D NIfTI on "
+                            "the series' grid); used for every selected series")
+    g_seg.add_argument("--derivatives", type=Path, nargs="+", default=None, metavar="DIR",
+                       help="folders of precomputed derivatives searched for each series' "
+                            "reference mask (<source entities>_desc-brain_mask.nii.gz)")
+    g_seg.add_argument("--seg-model", type=Path, default=None, metavar="PATH",
+                       help="trained segmenter (TorchScript, made with unimo-bids-train-seg) "
+                            "instead of the classical brain masks")
+    g_seg.add_argument("--template", default="auto", metavar="ID",
+                       help="TemplateFlow template whose brain mask checks the reference mask, "
+                            "read offline from TEMPLATEFLOW_HOME; 'auto' uses "
+                            "MNI152NLin2009cAsym when it is there, 'none' turns the check off")
 
     g_conf = parser.add_argument_group("Confounds")
     g_conf.add_argument("--fd-radius", type=_positive_float, default=50.0, metavar="MM",

@@ -13,6 +13,7 @@ def build_reports(args, output_dir: Path, bids_dir: Path, errors: dict[str, list
                   subjects: list[str] | None = None, device: str | None = None) -> int:
     """Write ``sub-<label>.html`` for each subject; returns 0 (an exit code)."""
     from ..interfaces.reports import build_subject_report
+    from .run import masks_summary
     from .run import versions
 
     if subjects is None:
@@ -25,7 +26,8 @@ def build_reports(args, output_dir: Path, bids_dir: Path, errors: dict[str, list
         "Command": "unimo-bids " + shlex.join(args.argv),
         "Device": device or args.device,
         "Random seed": "not set" if args.random_seed is None else str(args.random_seed),
-        "Head-motion reference": args.hmc_ref,
+        "Head-motion reference": args.hmc_ref or "auto (first where a reference mask is given)",
+        "Masks": masks_summary(args),
         "Versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
     }
     for subject in subjects:

@@ -50,6 +50,106 @@ def check_weights(path, device: str) -> None:
         raise UsageError(f"--weights: {err}" if path is not None else str(err)) from err
 
 
+def check_seg_model(path) -> None:
+    """Refuse, before any work, a --seg-model file that is not a unimo-bids segmenter."""
+    if path is None:
+        return
+    from ..unimo.segnet import load_segmenter
+
+    try:
+        load_segmenter(path, "cpu")
+    except ValueError as err:
+        raise UsageError(f"--seg-model: {err}") from err
+
+
+def resolve_template(requested: str) -> tuple[str | None, str]:
+    """(template ID or None, TEMPLATEFLOW_HOME) for --template; never downloads anything.
+
+    'none' turns the check off; 'auto' uses the default template when it is installed and
+    says how to install it when it is not; a named template that is missing is an error.
+    """
+    from ..interfaces.template import (
+        DEFAULT_TEMPLATE,
+        TemplateNotFound,
+        find_template_mask,
+        templateflow_home,
+    )
+
+    home = str(templateflow_home())
+    if requested.lower() == "none":
+        return None, home
+    name = DEFAULT_TEMPLATE if requested == "auto" else requested
+    try:
+        find_template_mask(name, home)
+    except TemplateNotFound as err:
+        if requested != "auto":
+            raise UsageError(f"--template: {err}") from None
+        LOGGER.info("No template check of the brain masks: %s", err)
+        return None, home
+    return name, home
+
+
+def find_derivative_mask(source: str, bids_dir: Path, derivatives) -> str | None:
+    """The reference mask of a series in precomputed derivatives, or None.
+
+    Looked for as ``<source entities>_desc-brain_mask.nii[.gz]`` in the source's own
+    subfolder of each folder, then anywhere below it (first match, in the order given).
+    """
+    from ..interfaces.io import source_prefix
+
+    prefix = source_prefix(source)
+    relative = Path(os.path.relpath(Path(source).parent, bids_dir))
+    for folder in derivatives or []:
+        for extension in (".nii.gz", ".nii"):
+            name = f"{prefix}_desc-brain_mask{extension}"
+            if (folder / relative / name).is_file():
+                return str((folder / relative / name).absolute())
+            found = sorted(folder.rglob(name))
+            if found:
+                return str(found[0].absolute())
+    return None
+
+
+def attach_reference_masks(runs, args, bids_dir: Path) -> None:
+    """Give each run its user mask (--ref-mask, else --derivatives), checked before any work:
+    a missing, empty, non-3D or misplaced mask stops the command (exit 2)."""
+    import nibabel as nb
+
+    from ..interfaces.segment import load_user_mask
+
+    for folder in args.derivatives or []:
+        if not folder.is_dir():
+            raise UsageError(f"--derivatives: {folder} is not a folder")
+    if args.ref_mask is not None and not args.ref_mask.is_file():
+        raise UsageError(f"--ref-mask: {args.ref_mask} does not exist")
+    for run in runs:
+        mask = (str(args.ref_mask.absolute()) if args.ref_mask is not None else
+                find_derivative_mask(run.path, bids_dir, args.derivatives))
+        if mask is None:
+            continue
+        try:
+            load_user_mask(mask, nb.load(run.path))
+        except ValueError as err:
+            raise UsageError(f"{err} (reference mask for {run.path})") from None
+        except Exception:  # an unreadable series: its validation node reports it
+            pass
+        run.ref_mask = mask
+
+
+def masks_summary(args) -> str:
+    """One line for the report: where the masks came from."""
+    parts = ["tracked (moving anatomy)" if getattr(args, "moving_anatomy", False) else
+             "per volume"]
+    parts.append(f"segmenter {args.seg_model}" if getattr(args, "seg_model", None)
+                 else "classical segmentation")
+    if getattr(args, "ref_mask", None):
+        parts.append(f"reference mask {args.ref_mask}")
+    elif getattr(args, "derivatives", None):
+        parts.append("reference masks from " + ", ".join(map(str, args.derivatives)))
+    parts.append(f"template check {getattr(args, 'template', 'auto')}")
+    return "; ".join(parts)
+
+
 def resolve_device(requested: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; refuse CUDA that is not there."""
     import torch
@@ -156,6 +256,11 @@ def run_participant(args) -> int:
         return build_reports(args, output_dir, bids_dir, errors={})
     device = resolve_device(args.device)
     check_weights(args.weights, device)
+    check_seg_model(args.seg_model)
+    if args.moving_anatomy and not args.refine:
+        raise UsageError("--no-refine cannot be combined with --moving-anatomy (tracking "
+                         "refines by construction)")
+    template, template_home = resolve_template(args.template)
     filters = load_filters(args.bids_filter_file)
     settings = plugin_settings(args)  # validate the plugin file before any work
     runs, run_errors, notes = collect_runs(
@@ -163,6 +268,7 @@ def run_participant(args) -> int:
         validate=not args.skip_bids_validation)
     for note in notes:
         LOGGER.warning(note)
+    attach_reference_masks(runs, args, bids_dir)
 
     from nipype import config
 
@@ -180,7 +286,10 @@ def run_participant(args) -> int:
                             else args.fd_spike_threshold),
         dvars_spike_threshold=args.dvars_spike_threshold, device=device,
         omp_nthreads=omp_nthreads, seed=args.random_seed,
-        weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine)
+        weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine,
+        moving_anatomy=args.moving_anatomy,
+        seg_model=str(args.seg_model.resolve()) if args.seg_model else None,
+        template=template, template_home=template_home)
     workflow = init_unimo_bids_wf(runs, options)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_dataset_files(output_dir, bids_dir, args.random_seed, workflow.visit_desc())

@@ -1,6 +1,7 @@
 """Segmentation and shape-map interfaces (thin wrappers around ``unimo_bids.unimo``).
 
-``Segment`` writes one classical brain mask per volume and one for the reference volume;
+``Segment`` writes one brain mask per volume and one for the reference volume (classical, or
+from a trained segmenter; the reference's may be given by the user instead);
 ``ShapeMap`` turns masks into signed distance maps in mm (negative inside, positive outside).
 Outputs are uncompressed ``.nii`` files in the node's working directory (fast to write and
 read back; the derivatives writer compresses what is kept).
@@ -10,15 +11,18 @@ from __future__ import annotations
 
 import nibabel as nb
 import numpy as np
+import torch
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     SimpleInterface,
     TraitedSpec,
+    traits,
 )
 from nipype.utils.filemanip import fname_presuffix
 
 from ..unimo.segment import brain_mask, reference_mask
+from ..unimo.segnet import load_segmenter, segment_with_model
 from ..unimo.shape import signed_distance
 
 
@@ -46,11 +50,60 @@ def _save_like(data: np.ndarray, like, dtype, path: str) -> str:
     return path
 
 
+# A mask may sit on a grid that differs from the series' by rounding in the header (mm).
+GRID_TOLERANCE_MM = 0.01
+
+
+def load_user_mask(mask_file: str, reference_img) -> np.ndarray:
+    """A user's 3D mask of the reference volume, checked: (X, Y, Z) bool.
+
+    Raises ValueError (one line, naming the file) when it cannot be read, is not 3D, is empty,
+    or lies on another grid than ``reference_img`` (shape, or voxel-to-world affine).
+    """
+    try:
+        img = nb.load(mask_file)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise ValueError(f"{mask_file}: cannot read the mask ({err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{mask_file}: the mask must be 3D, got shape {data.shape}")
+    if tuple(data.shape) != tuple(reference_img.shape[:3]):
+        raise ValueError(f"{mask_file}: mask of shape {tuple(data.shape)} does not match the "
+                         f"series grid {tuple(reference_img.shape[:3])}")
+    corners = np.array([[0, 0, 0, 1], list(np.asarray(data.shape) - 1) + [1]]).T
+    shift = np.abs(img.affine @ corners - reference_img.affine @ corners).max()
+    if shift > GRID_TOLERANCE_MM:
+        raise ValueError(f"{mask_file}: the mask's grid is {shift:.3g} mm away from the "
+                         "series' (different affine); resample it onto the series first")
+    mask = np.nan_to_num(data.astype(np.float32)) > 0
+    if not mask.any():
+        raise ValueError(f"{mask_file}: the mask is empty (no nonzero voxel)")
+    return mask
+
+
+def _series_volumes(img, path: str) -> np.ndarray:
+    """(T, X, Y, Z) float32, contiguous per volume (scipy and torch work per volume)."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 3:
+        return data[None]
+    if data.ndim == 4:
+        return np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    raise ValueError(f"{path}: expected a 3D or 4D image, got shape {data.shape}")
+
+
 class _SegmentInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True,
                    desc="4D series (NIfTI); one brain mask is computed per volume")
     reference = File(exists=True, mandatory=True,
                      desc="3D reference volume (NIfTI), e.g. the head-motion reference")
+    ref_mask = File(exists=True, desc="the user's mask of the reference (same grid); used "
+                                      "instead of segmenting the reference")
+    seg_model = File(exists=True, desc="trained segmenter (TorchScript, from "
+                                       "unimo-bids-train-seg); default: classical masks")
+    device = traits.Str("cpu", usedefault=True, desc="torch device of the segmenter")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
 
 
 class _SegmentOutputSpec(TraitedSpec):
@@ -60,11 +113,13 @@ class _SegmentOutputSpec(TraitedSpec):
 
 
 class Segment(SimpleInterface):
-    """Classical, weight-free brain masks of every volume of a series and of its reference.
+    """Brain masks of every volume of a series and of its reference.
 
-    Robust histogram threshold, opening with an 8 mm ball (through the largest connected
-    component), closing with a 4 mm ball and hole filling, per volume (see
-    :func:`unimo_bids.unimo.segment.brain_mask`). Voxel sizes come from the header zooms.
+    Classical by default: robust histogram threshold, opening with an 8 mm ball (through the
+    largest connected component), closing with a 4 mm ball and hole filling, per volume (see
+    :func:`unimo_bids.unimo.segment.brain_mask`). With ``seg_model``, a trained segmenter
+    (:func:`unimo_bids.unimo.segnet.segment_with_model`). With ``ref_mask``, the reference's
+    mask is the user's, checked (:func:`load_user_mask`). Voxel sizes come from the header.
     """
 
     input_spec = _SegmentInputSpec
@@ -72,22 +127,6 @@ class Segment(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nb.load(self.inputs.in_file)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        if data.ndim == 3:
-            vols = data[None]
-        elif data.ndim == 4:
-            # (X,Y,Z,T) -> contiguous (T,X,Y,Z): each volume compact in memory for scipy
-            vols = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-        else:
-            raise ValueError(f"{self.inputs.in_file}: expected a 3D or 4D image, got shape "
-                             f"{data.shape}")
-        del data
-        masks = brain_mask(vols, _voxel_size(img))
-        del vols
-        masks = masks[0] if len(img.shape) == 3 else np.moveaxis(masks, 0, -1)
-        self._results["out_masks"] = _save_like(
-            masks, img, np.uint8, _out_path(self.inputs.in_file, "_masks", runtime.cwd))
-
         ref = nb.load(self.inputs.reference)
         ref_data = np.asarray(ref.dataobj, dtype=np.float32)
         if ref_data.ndim == 4 and ref_data.shape[3] == 1:
@@ -95,7 +134,24 @@ class Segment(SimpleInterface):
         if ref_data.ndim != 3:
             raise ValueError(f"{self.inputs.reference}: the reference must be 3D, got shape "
                              f"{ref_data.shape}")
-        ref_mask = reference_mask(ref_data, _voxel_size(ref))
+        user_mask = (load_user_mask(self.inputs.ref_mask, ref) if self.inputs.ref_mask
+                     else None)
+
+        vols = _series_volumes(img, self.inputs.in_file)
+        if self.inputs.seg_model:
+            torch.set_num_threads(max(self.inputs.num_threads, 1))
+            model, _ = load_segmenter(self.inputs.seg_model, self.inputs.device)
+            masks = segment_with_model(model, vols, img.affine, device=self.inputs.device)
+            ref_mask = user_mask if user_mask is not None else segment_with_model(
+                model, ref_data[None], ref.affine, device=self.inputs.device)[0]
+        else:
+            masks = brain_mask(vols, _voxel_size(img))
+            ref_mask = (user_mask if user_mask is not None
+                        else reference_mask(ref_data, _voxel_size(ref)))
+        del vols
+        masks = masks[0] if len(img.shape) == 3 else np.moveaxis(masks, 0, -1)
+        self._results["out_masks"] = _save_like(
+            masks, img, np.uint8, _out_path(self.inputs.in_file, "_masks", runtime.cwd))
         self._results["out_ref_mask"] = _save_like(
             ref_mask, ref, np.uint8, _out_path(self.inputs.reference, "_mask", runtime.cwd))
         return runtime

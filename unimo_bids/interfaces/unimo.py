@@ -21,6 +21,7 @@ from nitransforms.linear import LinearTransformsMapping
 from ..unimo.geometry import grid_center, mean_displacement, motion_parameters, world_points
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
 from ..unimo.network import load_network
+from ..unimo.tracking import track_moving_anatomy
 
 BRANCHES = {"image": "image branch (keypoints of intensities)",
             "shape": "shape branch (keypoints of the brain's signed distance map)"}
@@ -39,6 +40,14 @@ DIAGNOSTICS_META = {
         "Units": "count",
     },
 }
+TRACKING_META = {
+    "mask_agreement": {
+        "Description": "Dice between the volume's segmentation (near its tracked mask) and the "
+                       "reference mask carried to the volume by its rigid transform "
+                       "(moving-anatomy mode; n/a without a per-volume segmentation).",
+        "Units": "arbitrary",
+    },
+}
 NETWORK_META = {
     "unimo_lambda": {
         "Description": "Learned SLERP weight of the shape branch in the fused network estimate "
@@ -53,7 +62,8 @@ NETWORK_META = {
     },
     "unimo_start_network": {
         "Description": "1 where refinement continued from the network's estimate, 0 where it "
-                       "continued from the identity (the lower coarse-level residual wins).",
+                       "continued from another start (the identity, or in moving-anatomy mode "
+                       "the previous round's estimate; the lowest coarse-level residual wins).",
         "Units": "boolean",
     },
     **{f"unimo_{branch}_{name}": {
@@ -77,7 +87,7 @@ def network_diagnostics(result, affine, mask) -> dict:
     columns = {"unimo_lambda": np.full(len(result.transforms), result.network.lam),
                "unimo_refine_shift": mean_displacement(result.network.fused, result.transforms,
                                                        points),
-               "unimo_start_network": result.start}
+               "unimo_start_network": (result.start == 1).astype(int)}
     for branch in BRANCHES:
         params = motion_parameters(getattr(result.network, branch), center)
         for i, name in enumerate(PARAMETERS):
@@ -105,6 +115,12 @@ class _UniMoRigidInputSpec(BaseInterfaceInputSpec):
                             desc="network checkpoint; None: the packaged weights")
     refine = traits.Bool(True, usedefault=True,
                          desc="test-time refinement; False reports the network alone")
+    moving_anatomy = traits.Bool(False, usedefault=True,
+                                 desc="the anatomy in the reference mask moves inside still "
+                                      "tissue (fetal): register inside the mask only and "
+                                      "track the mask (see unimo.tracking)")
+    in_masks = File(exists=True, desc="moving-anatomy mode: 4D segmentation of each volume, "
+                                      "checked against the tracked masks")
 
 
 class _UniMoRigidOutputSpec(TraitedSpec):
@@ -112,6 +128,8 @@ class _UniMoRigidOutputSpec(TraitedSpec):
     out_itk = File(exists=True, desc="ITK text file, one AffineTransform per volume")
     out_diagnostics = File(exists=True, desc="per-volume diagnostics (.tsv)")
     out_diagnostics_meta = File(exists=True, desc="descriptions and units (.json)")
+    out_masks = File(desc="moving-anatomy mode: 4D uint8 tracked masks (the reference mask "
+                          "carried to each volume)")
 
 
 class UniMoRigid(SimpleInterface):
@@ -133,9 +151,28 @@ class UniMoRigid(SimpleInterface):
                                    dtype=np.float32)
         network = (load_network(self.inputs.weights, self.inputs.device)
                    if self.inputs.use_network or not self.inputs.refine else None)
-        result = estimate_head_motion(series, img.affine, reference, mask, shapes, shape_ref,
-                                      device=self.inputs.device, network=network,
-                                      refine=self.inputs.refine)
+        tracked = None
+        if self.inputs.moving_anatomy:
+            volume_masks = None
+            if self.inputs.in_masks:
+                volume_masks = np.asarray(nb.load(self.inputs.in_masks).dataobj) > 0
+                volume_masks = np.ascontiguousarray(np.moveaxis(
+                    volume_masks.reshape(series.shape), -1, 0))
+            tracked = track_moving_anatomy(series, img.affine, reference, mask, volume_masks,
+                                           network=network, device=self.inputs.device)
+            result = tracked.motion
+            masks_path = os.path.join(runtime.cwd, "tracked_masks.nii")
+            header = img.header.copy()
+            header.set_data_dtype(np.uint8)
+            out = nb.Nifti1Image(np.moveaxis(tracked.masks, 0, -1).astype(np.uint8),
+                                 img.affine, header)
+            out.header.set_slope_inter(1.0, 0.0)
+            out.to_filename(masks_path)
+            self._results["out_masks"] = masks_path
+        else:
+            result = estimate_head_motion(series, img.affine, reference, mask, shapes,
+                                          shape_ref, device=self.inputs.device,
+                                          network=network, refine=self.inputs.refine)
 
         self._results["out_transforms"] = os.path.join(runtime.cwd, "hmc_transforms.npy")
         np.save(self._results["out_transforms"], result.transforms)
@@ -144,6 +181,9 @@ class UniMoRigid(SimpleInterface):
         self._results["out_diagnostics"] = os.path.join(runtime.cwd, "hmc_diagnostics.tsv")
         columns = {"hmc_residual": result.residual, "hmc_iterations": result.iterations}
         meta = dict(DIAGNOSTICS_META)
+        if tracked is not None:
+            columns["mask_agreement"] = tracked.agreement
+            meta.update(TRACKING_META)
         if result.network is not None:
             columns.update(network_diagnostics(result, img.affine, mask))
             meta.update(NETWORK_META)

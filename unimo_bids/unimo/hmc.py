@@ -28,11 +28,17 @@ MASK_MARGIN_MM = 8.0
 SHAPE_CLIP_MM = 20.0
 
 
-def registration_weight(reference_mask: np.ndarray, affine) -> np.ndarray:
-    """(X, Y, Z) float32 weight: the reference mask dilated by ``MASK_MARGIN_MM``."""
-    outside = ndimage.distance_transform_edt(~reference_mask.astype(bool),
-                                             sampling=voxel_sizes(affine))
-    return (outside <= MASK_MARGIN_MM).astype(np.float32)
+def registration_weight(reference_mask: np.ndarray, affine,
+                        margin_mm: float = MASK_MARGIN_MM) -> np.ndarray:
+    """(X, Y, Z) float32 weight: the reference mask grown by ``margin_mm`` (shrunk when it is
+    negative; never to nothing: an erosion that would empty the mask keeps the mask)."""
+    mask = reference_mask.astype(bool)
+    sizes = voxel_sizes(affine)
+    if margin_mm >= 0:
+        return (ndimage.distance_transform_edt(~mask, sampling=sizes) <= margin_mm).astype(
+            np.float32)
+    core = ndimage.distance_transform_edt(mask, sampling=sizes) > -margin_mm
+    return (core if core.any() else mask).astype(np.float32)
 
 
 def _as_batch(series: np.ndarray, start: int, stop: int) -> torch.Tensor:
@@ -55,7 +61,8 @@ class NetworkMotion:
 class HeadMotion:
     """transforms (T, 4, 4) world reference -> world volume; residual and iterations (T,) of
     the refinement (NaN and 0 without it); network: the network's estimates or None;
-    start: (T,) 1 where refinement started from the network's estimate, 0 from the identity."""
+    start: (T,) index of the start the refinement went on from: 0 the identity, 1 the
+    network's estimate (when there is a network), then the ``starts`` given."""
 
     transforms: np.ndarray
     residual: np.ndarray
@@ -140,6 +147,8 @@ def estimate_head_motion(
     progress=None,
     network: UniMoRigidNet | None = None,
     refine: bool = True,
+    margin_mm: float = MASK_MARGIN_MM,
+    starts: np.ndarray | None = None,
 ) -> HeadMotion:
     """Rigid transforms aligning every volume of a series to the reference.
 
@@ -155,16 +164,23 @@ def estimate_head_motion(
         goes on from the better one, so the network widens the capture range without costing
         accuracy where it is less precise than the refinement.
     refine: False returns the network's fused estimate alone (needs ``network``).
+    margin_mm: the registration looks this far beyond the reference mask. Around a head that
+        moves as a whole, the brain's edge and scalp help; around anatomy that moves inside
+        still tissue (a fetal brain) anything beyond the moving structure pulls towards the
+        identity, so the tracked mode shrinks the mask instead (a negative margin).
+    starts: optional (T, 4, 4) further starting transforms (e.g. a previous estimate), tried
+        at the coarsest level with the identity and the network's estimate.
     """
     if not refine and network is None:
         raise ValueError("refine=False needs a network")
     with retained_heap():
         return _estimate(series, affine, reference, reference_mask, shape_series,
-                         shape_reference, device, chunk_size, progress, network, refine)
+                         shape_reference, device, chunk_size, progress, network, refine,
+                         margin_mm, starts)
 
 
 def _estimate(series, affine, reference, reference_mask, shape_series, shape_reference, device,
-              chunk_size, progress, network, refine) -> HeadMotion:
+              chunk_size, progress, network, refine, margin_mm, starts) -> HeadMotion:
     n_vols = series.shape[-1]
     estimates = None
     if network is not None:
@@ -181,10 +197,11 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
     if use_shape:
         fixed.append(np.clip(shape_reference, -SHAPE_CLIP_MM, SHAPE_CLIP_MM))
     fixed_t = torch.as_tensor(np.stack(fixed).astype(np.float32), device=device)
-    weight = torch.as_tensor(registration_weight(reference_mask, affine), device=device)
+    weight = torch.as_tensor(registration_weight(reference_mask, affine, margin_mm),
+                              device=device)
     levels = IMAGE_SHAPE_LEVELS if use_shape else IMAGE_LEVELS
 
-    results, starts = [], []
+    results, starts_used = [], []
     for begin in range(0, n_vols, chunk_size):
         stop = min(begin + chunk_size, n_vols)
         moving = _as_batch(series, begin, stop)
@@ -192,20 +209,26 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             shapes = _as_batch(shape_series, begin, stop).clamp(-SHAPE_CLIP_MM, SHAPE_CLIP_MM)
             moving = torch.cat([moving, shapes], dim=1)
         moving = moving.to(device)
-        if estimates is None:
+        count = stop - begin
+        candidates = [np.tile(np.eye(4), (count, 1, 1))]
+        if estimates is not None:
+            candidates.append(estimates.fused[begin:stop])
+        if starts is not None:
+            candidates.append(np.asarray(starts, dtype=float)[begin:stop])
+        if len(candidates) == 1:
             results.append(register_rigid(fixed_t, moving, affine, affine, weight,
                                           levels=levels))
-            starts.append(np.zeros(stop - begin, int))
+            starts_used.append(np.zeros(count, int))
         else:
-            candidates = np.concatenate([np.tile(np.eye(4), (stop - begin, 1, 1)),
-                                         estimates.fused[begin:stop]])
-            coarse = register_rigid(fixed_t, moving.repeat(2, 1, 1, 1, 1), affine, affine,
-                                    weight, init=candidates, levels=levels[:1])
-            pick = _pick_start(coarse, 2)
-            init = coarse.transforms.reshape(2, stop - begin, 4, 4)[pick, np.arange(stop - begin)]
+            n_starts = len(candidates)
+            coarse = register_rigid(fixed_t, moving.repeat(n_starts, 1, 1, 1, 1), affine,
+                                    affine, weight, init=np.concatenate(candidates),
+                                    levels=levels[:1])
+            pick = _pick_start(coarse, n_starts)
+            init = coarse.transforms.reshape(n_starts, count, 4, 4)[pick, np.arange(count)]
             results.append(register_rigid(fixed_t, moving, affine, affine, weight, init=init,
                                           levels=levels[1:]))
-            starts.append(pick)
+            starts_used.append(pick)
         if progress is not None:
             progress(stop - begin)
     return HeadMotion(
@@ -213,7 +236,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
         residual=np.concatenate([r.residual for r in results]),
         iterations=np.concatenate([r.iterations for r in results]),
         network=estimates,
-        start=np.concatenate(starts),
+        start=np.concatenate(starts_used),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["signed_distance"]
+__all__ = ["signed_distance", "dice"]
 
 
 def _fov_diagonal_mm(shape: Sequence[int], voxel_size: Sequence[float]) -> float:
@@ -109,3 +109,13 @@ def signed_distance(masks: np.ndarray, voxel_size: Sequence[float]) -> np.ndarra
     for t in range(m.shape[0]):
         out[t] = _signed_distance_3d(m[t], h, big)
     return out
+
+
+def dice(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Dice overlap of bool masks over their last three axes: (...,) float64 (a 0-d array for
+    3D masks); 1 where both are empty."""
+    first, second = np.asarray(first, bool), np.asarray(second, bool)
+    axes = (-3, -2, -1)
+    both = np.logical_and(first, second).sum(axis=axes)
+    total = first.sum(axis=axes) + second.sum(axis=axes)
+    return np.where(total > 0, 2.0 * both / np.maximum(total, 1), 1.0)

@@ -17,6 +17,7 @@ class SeriesRun:
     path: str
     subject: str
     metadata: dict = field(default_factory=dict)
+    ref_mask: str | None = None  # the user's mask of the reference volume, if any
 
 
 @dataclass
@@ -26,7 +27,7 @@ class WorkflowOptions:
     bids_dir: str
     output_dir: str
     work_dir: str
-    hmc_ref: str = "auto"
+    hmc_ref: str | None = None  # None: auto, or first for a run with a user's reference mask
     dummy_scans: int | None = None
     fd_radius: float = 50.0
     fd_spike_threshold: float = 0.5
@@ -36,6 +37,10 @@ class WorkflowOptions:
     seed: int | None = None
     weights: str | None = None
     refine: bool = True
+    moving_anatomy: bool = False
+    seg_model: str | None = None
+    template: str | None = None
+    template_home: str | None = None
 
 
 def init_unimo_bids_wf(runs: list[SeriesRun], options: WorkflowOptions) -> Workflow:
@@ -84,9 +89,12 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
     for run in sorted(runs, key=lambda r: r.path):
         workflow.add_nodes([init_series_wf(
             run.path, options.bids_dir, options.output_dir, run.metadata,
-            hmc_ref=options.hmc_ref, dummy_scans=options.dummy_scans,
+            hmc_ref=options.hmc_ref or ("first" if run.ref_mask else "auto"),
+            dummy_scans=options.dummy_scans,
             fd_radius=options.fd_radius, fd_spike_threshold=options.fd_spike_threshold,
             dvars_spike_threshold=options.dvars_spike_threshold, device=options.device,
             omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
-            refine=options.refine)])
+            refine=options.refine, moving_anatomy=options.moving_anatomy,
+            ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
+            template_home=options.template_home)])
     return workflow

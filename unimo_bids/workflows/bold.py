@@ -15,13 +15,14 @@ from ..interfaces.io import WriteDerivatives
 from ..interfaces.reports import SeriesReportlets
 from ..interfaces.segment import Segment, ShapeMap
 from ..interfaces.series import HMCReference, ValidateSeries
+from ..interfaces.template import TemplatePrior
 from ..interfaces.unimo import ApplyHeadMotion, UniMoRigid
 
 # Derivative name (after the source entities) -> (node, output) that produces it.
 SERIES_OUTPUTS = {
     "desc-preproc_bold.nii.gz": ("apply_hmc", "out_file"),
     "desc-hmc_boldref.nii.gz": ("hmc_reference", "out_file"),
-    "desc-brain_mask.nii.gz": ("segment", "out_ref_mask"),
+    "desc-brain_mask.nii.gz": ("reference_mask", "out"),
     "label-brain_distmap.nii.gz": ("reference_shape", "out_file"),
     "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt": ("unimo_rigid", "out_itk"),
     "desc-confounds_timeseries.tsv": ("confounds", "out_confounds"),
@@ -30,6 +31,8 @@ SERIES_OUTPUTS = {
     "stat-tsnr_desc-preproc_boldmap.nii.gz": ("confounds", "out_tsnr_preproc"),
     "desc-qc_bold.json": ("confounds", "out_qc"),
 }
+# Extra outputs of the moving-anatomy (tracked) mode.
+TRACKED_OUTPUTS = {"desc-tracked_mask.nii.gz": ("unimo_rigid", "out_masks")}
 SERIES_FIGURES = {
     "desc-mask_bold": "out_mask",
     "desc-beforeafter_bold": "out_beforeafter",
@@ -58,21 +61,55 @@ def estimate_mem_gb(bold_file: str) -> float:
     return max(voxels * 4 / 1024**3, 0.05)
 
 
-def _preproc_sidecar(repetition_time, source_uri, metadata):
-    """JSON sidecars of the preprocessed series (a nipype Function: imports inside)."""
+def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None):
+    """JSON sidecars of the preprocessed series and, after a template check, of the brain mask
+    (a nipype Function: imports inside)."""
+    import json
+
     sidecar = dict(metadata)
     sidecar.update({
         "RepetitionTime": repetition_time,
         "SkullStripped": False,
         "Sources": [source_uri],
     })
-    return {"desc-preproc_bold.json": sidecar}
+    sidecars = {"desc-preproc_bold.json": sidecar}
+    if mask_report:
+        with open(mask_report) as handle:
+            report = json.load(handle)
+        sidecars["desc-brain_mask.json"] = {"Type": "Brain", "TemplateCheck": {
+            key: report[key] for key in ("template", "dice", "min_dice", "scale", "corrected",
+                                         "note")}}
+    return sidecars
 
 
 NETWORK_DESC = """\
 The UniMo network (E(3)-equivariant keypoints of the volume and of its shape map, each
 aligned to the reference's by a weighted Kabsch solve and fused by a learned SLERP weight)
 estimated each volume's rigid motion. """
+
+
+def masks_description(moving_anatomy: bool, ref_mask, seg_model, template) -> str:
+    """The methods text on masks and shape maps."""
+    if ref_mask:
+        text = "The reference volume's mask was supplied by the user. "
+    elif template:
+        text = (f"The reference volume's mask was checked against the {template} brain mask "
+                "(TemplateFlow), scaled and rigidly fitted to it by its signed distance map. ")
+    else:
+        text = ""
+    text += ("A trained 3D U-Net segmented every volume" if seg_model else
+             "A brain mask was computed for every volume with robust intensity thresholds, "
+             "morphology and the largest connected component")
+    if moving_anatomy:
+        return text + (
+            ". The anatomy in the reference mask was treated as moving inside still tissue: "
+            "each volume was registered using the voxels of the (slightly shrunk) reference "
+            "mask only, the mask was carried to every volume by its transform, each volume's "
+            "segmentation near its carried mask was compared with it, and the signed distance "
+            "maps (mm) of the agreeing masks served as shape maps for another registration, "
+            "until the transforms changed by less than 0.05 mm (at most three rounds). ")
+    return text + (", and its signed Euclidean distance transform (mm) served as a shape "
+                   "map. ")
 
 
 def init_series_wf(
@@ -91,12 +128,25 @@ def init_series_wf(
     seed: int | None = None,
     weights: str | None = None,
     refine: bool = True,
+    moving_anatomy: bool = False,
+    ref_mask: str | None = None,
+    seg_model: str | None = None,
+    template: str | None = None,
+    template_home: str | None = None,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
 
-    Workflow graph: validate -> reference -> segment (mask per volume) -> shape maps ->
-    UniMo rigid -> one resampling -> confounds and tSNR -> reportlets -> derivatives.
+    Workflow graph: validate -> reference -> segment (mask per volume) [-> template check of
+    the reference mask] -> shape maps -> UniMo rigid -> one resampling -> confounds and tSNR
+    -> reportlets -> derivatives. With ``moving_anatomy`` the rigid step registers inside the
+    reference mask only and tracks it through the series (its masks are written too).
+
+    ref_mask: the user's mask of the reference volume (replaces the segmented one; not
+        checked against the template).
+    seg_model: a trained segmenter (TorchScript) instead of the classical masks.
+    template: a TemplateFlow template ID whose brain mask, fitted to the reference mask, checks
+        (and corrects) a segmented reference mask; read from ``template_home``.
 
     Inputs
     ------
@@ -119,14 +169,13 @@ def init_series_wf(
         "The network's fused estimates were used as they are (no test-time refinement).")
     workflow.__desc__ = """\
 Head-motion parameters of the series were estimated with *unimo-bids* against a reference
-volume ({ref}). A brain mask was computed for every volume with robust intensity thresholds,
-morphology and the largest connected component, and its signed Euclidean distance transform (mm)
-served as a shape map. {network}{refinement}
+volume ({ref}). {masks}{network}{refinement}
 Each volume was then resampled once onto the reference grid (trilinear). Framewise displacement
 (Power, radius {radius:g} mm), RMSD and DVARS were computed with Nipype, and volumes with FD >
 {fd:g} mm or standardised DVARS > {dvars:g} were flagged as motion outliers.
 """.format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold,
-           network=NETWORK_DESC, refinement=refinement)
+           network=NETWORK_DESC, refinement=refinement,
+           masks=masks_description(moving_anatomy, ref_mask, seg_model, template))
 
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "preproc"]),
                          name="outputnode")
@@ -138,12 +187,27 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
         HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans,
                      source_file=bold_file),
         name="hmc_reference", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
-    segment = pe.Node(Segment(), name="segment", mem_gb=3 * mem_gb)
+    segment = pe.Node(Segment(device=device, num_threads=omp_nthreads), name="segment",
+                      mem_gb=3 * mem_gb, n_procs=omp_nthreads)
+    if ref_mask:
+        segment.inputs.ref_mask = ref_mask
+    if seg_model:
+        segment.inputs.seg_model = seg_model
+    if template and not ref_mask:
+        # one thread: two gain nothing on a fit this small, and stall under load
+        reference_mask = pe.Node(TemplatePrior(template=template, device=device),
+                                 name="template_prior", mem_gb=0.5)
+        if template_home:
+            reference_mask.inputs.template_home = template_home
+        mask_output = "out_mask"
+    else:
+        reference_mask = pe.Node(niu.IdentityInterface(fields=["out"]), name="reference_mask")
+        mask_output = "out"
     volume_shapes = pe.Node(ShapeMap(), name="volume_shapes", mem_gb=3 * mem_gb)
     reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
     unimo_rigid = pe.Node(
         UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed, weights=weights,
-                   refine=refine),
+                   refine=refine, moving_anatomy=moving_anatomy),
         name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
     apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads),
                         name="apply_hmc", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
@@ -157,7 +221,7 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
     relative = os.path.relpath(bold_file, bids_dir)
     sidecar = pe.Node(
         niu.Function(function=_preproc_sidecar, input_names=["repetition_time", "source_uri",
-                                                              "metadata"],
+                                                              "metadata", "mask_report"],
                      output_names=["sidecars"]),
         name="sidecar")
     sidecar.inputs.source_uri = f"bids:raw:{relative}"
@@ -165,7 +229,9 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
                                if k in ("TaskName", "SliceTiming", "EchoTime",
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
-    names = list(SERIES_OUTPUTS)
+    outputs = dict(SERIES_OUTPUTS, **(TRACKED_OUTPUTS if moving_anatomy else {}))
+    outputs["desc-brain_mask.nii.gz"] = ("reference_mask", mask_output)
+    names = list(outputs)
     gather_files = pe.Node(niu.Merge(len(names)), name="gather_files", run_without_submitting=True)
     gather_figures = pe.Node(niu.Merge(len(SERIES_FIGURES)), name="gather_figures",
                              run_without_submitting=True)
@@ -176,23 +242,34 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
 
     nodes = {"apply_hmc": apply_hmc, "hmc_reference": hmc_reference, "segment": segment,
              "reference_shape": reference_shape, "unimo_rigid": unimo_rigid,
-             "confounds": confounds}
+             "confounds": confounds, "reference_mask": reference_mask}
+    if mask_output == "out_mask":  # the template check needs the reference too
+        workflow.connect([(hmc_reference, reference_mask, [("out_file", "reference")]),
+                          (segment, reference_mask, [("out_ref_mask", "reference_mask")]),
+                          (reference_mask, sidecar, [("out_report", "mask_report")])])
+    else:
+        workflow.connect(segment, "out_ref_mask", reference_mask, "out")
+    if moving_anatomy:  # tracked masks: the rigid step makes its own shape maps
+        workflow.connect(segment, "out_masks", unimo_rigid, "in_masks")
+    else:
+        workflow.connect([
+            (segment, volume_shapes, [("out_masks", "in_masks")]),
+            (volume_shapes, unimo_rigid, [("out_file", "in_shape_maps")]),
+            (reference_shape, unimo_rigid, [("out_file", "reference_shape_map")]),
+        ])
     workflow.connect([
         (validate, hmc_reference, [("out_file", "in_file")]),
         (validate, segment, [("out_file", "in_file")]),
         (hmc_reference, segment, [("out_file", "reference")]),
-        (segment, volume_shapes, [("out_masks", "in_masks")]),
-        (segment, reference_shape, [("out_ref_mask", "in_masks")]),
+        (reference_mask, reference_shape, [(mask_output, "in_masks")]),
         (validate, unimo_rigid, [("out_file", "in_file")]),
         (hmc_reference, unimo_rigid, [("out_file", "reference")]),
-        (segment, unimo_rigid, [("out_ref_mask", "reference_mask")]),
-        (volume_shapes, unimo_rigid, [("out_file", "in_shape_maps")]),
-        (reference_shape, unimo_rigid, [("out_file", "reference_shape_map")]),
+        (reference_mask, unimo_rigid, [(mask_output, "reference_mask")]),
         (validate, apply_hmc, [("out_file", "in_file")]),
         (unimo_rigid, apply_hmc, [("out_transforms", "in_transforms")]),
         (validate, confounds, [("out_file", "in_raw")]),
         (apply_hmc, confounds, [("out_file", "in_preproc")]),
-        (segment, confounds, [("out_ref_mask", "in_mask")]),
+        (reference_mask, confounds, [(mask_output, "in_mask")]),
         (unimo_rigid, confounds, [("out_transforms", "in_transforms"),
                                   ("out_diagnostics", "diagnostics"),
                                   ("out_diagnostics_meta", "diagnostics_meta")]),
@@ -200,7 +277,7 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
         (validate, reportlets, [("out_file", "in_raw")]),
         (apply_hmc, reportlets, [("out_file", "in_preproc")]),
         (hmc_reference, reportlets, [("out_file", "in_ref")]),
-        (segment, reportlets, [("out_ref_mask", "in_mask")]),
+        (reference_mask, reportlets, [(mask_output, "in_mask")]),
         (reference_shape, reportlets, [("out_file", "in_distmap")]),
         (confounds, reportlets, [("out_confounds", "in_confounds"),
                                  ("out_tsnr_raw", "in_tsnr_raw"),
@@ -212,7 +289,7 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
         (write, outputnode, [("out_files", "out_files")]),
         (apply_hmc, outputnode, [("out_file", "preproc")]),
     ])
-    for position, (node_name, output) in enumerate(SERIES_OUTPUTS.values(), start=1):
+    for position, (node_name, output) in enumerate(outputs.values(), start=1):
         workflow.connect(nodes[node_name], output, gather_files, f"in{position}")
     for position, output in enumerate(SERIES_FIGURES.values(), start=1):
         workflow.connect(reportlets, output, gather_figures, f"in{position}")
