@@ -26,10 +26,12 @@ from unimo_bids.unimo.geometry import (  # noqa: E402
     motion_parameters,
     rigid_from_motion_parameters,
 )
+from browser import find_chromium, inspect_page  # noqa: E402
 from unimo_bids.interfaces.reports import (  # noqa: E402
     SeriesReportlets,
     build_group_report,
     build_subject_report,
+    plot_unimo_diagnostics,
 )
 
 # Known motion: trans (mm) then rot (rad); row 5 is a large jump and row 6 jumps back.
@@ -350,7 +352,7 @@ def test_tsnr_constant_plus_noise(tmp_path, monkeypatch):
                           in_transforms=str(tmp_path / "xfm.npy"),
                           non_steady_state=n_dummy).run()
     steady = data[..., n_dummy:].astype(np.float64)
-    expected = steady.mean(-1) / steady.std(-1, ddof=1)
+    expected = steady.mean(-1) / steady.std(-1, ddof=0)
     tsnr = np.asanyarray(nb.load(res.outputs.out_tsnr_preproc).dataobj)
     np.testing.assert_allclose(tsnr, expected, rtol=1e-5)
     assert np.median(tsnr) == pytest.approx(50.0, rel=0.05)
@@ -395,12 +397,35 @@ def reportlets(series, confounds, tmp_path_factory):
 
 def test_reportlets_are_valid_svg(reportlets):
     assert set(reportlets) == {"out_mask", "out_beforeafter", "out_tsnr", "out_motion",
-                               "out_carpet"}
+                               "out_carpet", "out_unimo"}
     for name, path in reportlets.items():
         size = os.path.getsize(path)
         assert 1000 < size < 400_000, (name, size)
         root = ET.parse(path).getroot()
         assert root.tag.endswith("svg"), name
+
+
+def _axes_count(svg_path) -> int:
+    root = ET.parse(svg_path).getroot()
+    return sum(1 for g in root.iter("{http://www.w3.org/2000/svg}g")
+               if g.get("id", "").startswith("axes_"))
+
+
+def test_unimo_diagnostics_has_one_panel_per_diagnostic(tmp_path):
+    n = 12
+    table = pd.DataFrame({"unimo_lambda": np.full(n, 0.8),
+                          "unimo_branch_disagreement": np.linspace(0, 3, n),
+                          "unimo_refine_shift": np.linspace(1, 0, n),
+                          "unimo_start_network": np.arange(n) % 2,
+                          "hmc_residual": np.linspace(0.01, 0.02, n)})
+    assert _axes_count(plot_unimo_diagnostics(table, tmp_path / "three.svg")) == 3
+    table["mask_agreement"] = np.linspace(0.9, 1.0, n)
+    assert _axes_count(plot_unimo_diagnostics(table, tmp_path / "four.svg")) == 4
+    # Columns that are all n/a (e.g. mask_agreement without segmentations) get no panel.
+    table["mask_agreement"] = np.nan
+    assert _axes_count(plot_unimo_diagnostics(table, tmp_path / "nan.svg")) == 3
+    empty = plot_unimo_diagnostics(table[["unimo_lambda"]], tmp_path / "none.svg")
+    assert _axes_count(empty) == 1  # a single blank axis with a note
 
 
 def _make_derivatives(out, series, confounds, reportlets):
@@ -459,6 +484,17 @@ def test_subject_report(tmp_path, series, confounds, reportlets):
     assert "run-1_desc" not in norun.split("</section>")[0]
     assert run1.index("desc-motion") < run1.index("desc-carpet")
     assert "fd_perc" in run1 and "tsnr_gain" in run1
+    # The flagged-volume table lists the dummy scan and the FD outliers, read from the TSV.
+    table = confounds["table"]
+    flagged_rows = run1.split('<table class="outliers">')[1].split("</table>")[0]
+    listed = [int(row.split("<td>")[1].split("<")[0])
+              for row in flagged_rows.split("<tr>")[2:]]
+    outlier_cols = [c for c in table.columns if c.startswith(("motion_outlier",
+                                                              "non_steady_state"))]
+    assert listed == list(np.flatnonzero(table[outlier_cols].sum(axis=1) > 0))
+    assert listed[0] == 0 and "non-steady state" in flagged_rows
+    fd = table["framewise_displacement"].to_numpy()
+    assert flagged_rows.count("FD &gt; 0.5 mm") == int(np.sum(np.nan_to_num(fd) > 0.5))
     # referenced figures exist relative to the report
     for sec in sections:
         for src in [s.split('"')[0] for s in sec.split('<img src="')[1:]]:
@@ -468,6 +504,27 @@ def test_subject_report(tmp_path, series, confounds, reportlets):
     text = path.read_text()
     assert "No errors to report" not in text and "&lt;boom&gt;" in text
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_subject_report_in_a_browser(tmp_path, series, confounds, reportlets):
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium): "
+                    "cannot open the report in a browser")
+    out = tmp_path / "out"
+    _make_derivatives(out, series, confounds, reportlets)
+    report = build_subject_report(out, "01", {"Device": "cpu"}, [])
+    seen = inspect_page(report, tmp_path / "sub-01.png")
+    assert seen["title"] == "unimo-bids report: sub-01"
+    assert len(seen["images"]) == 4  # two runs, two figures each
+    assert all(width > 0 for _, width in seen["images"]), seen["images"]
+    assert seen["console_errors"] == []
+    assert (tmp_path / "sub-01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The check itself can fail: a missing figure is seen as such.
+    next((out / "sub-01" / "figures").glob("*motion*")).unlink()
+    seen = inspect_page(report, tmp_path / "broken.png")
+    assert sorted(width > 0 for _, width in seen["images"]) == [False, True, True, True]
+    assert any("ERR_FILE_NOT_FOUND" in error for error in seen["console_errors"])
 
 
 def test_group_report_and_rethreshold(tmp_path, series, confounds, reportlets):

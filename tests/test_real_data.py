@@ -340,3 +340,94 @@ def test_template_check_keeps_a_good_real_mask(real_run, monkeypatch):
     kept = nb.load(_output(out, "desc-brain_mask.nii.gz")).get_fdata()
     assert np.array_equal(kept, nb.load(_output(real_run["out"],
                                                 "desc-brain_mask.nii.gz")).get_fdata())
+
+
+# --- QC metrics against independent computations, the group level and the report ----------
+
+
+def _steady_state(out: Path) -> int:
+    return sum(c.startswith("non_steady_state_outlier") for c in _confounds(out).columns)
+
+
+def test_real_tsnr_maps_match_numpy_and_nipype(real_run, tmp_path, monkeypatch):
+    from nipype.algorithms.confounds import TSNR
+
+    out = real_run["out"]
+    skip = _steady_state(out)
+    mask = np.asarray(nb.load(_output(out, "desc-brain_mask.nii.gz")).dataobj) > 0
+    qc = _qc(out)
+    for desc, series_file in (("preproc", _output(out, "desc-preproc_bold.nii.gz")),
+                              ("raw", real_run["bids"] / BOLD)):
+        data = np.asarray(nb.load(series_file).dataobj, dtype=np.float64)[..., skip:]
+        with np.errstate(invalid="ignore", divide="ignore"):  # background: 0 / 0
+            expected = data.mean(axis=3) / data.std(axis=3)
+        tsnr = np.asarray(nb.load(_output(out, f"stat-tsnr_desc-{desc}_boldmap.nii.gz")).dataobj)
+        np.testing.assert_allclose(tsnr[mask], expected[mask], rtol=1e-4)
+        assert qc["tsnr" if desc == "preproc" else "tsnr_raw"] == pytest.approx(
+            np.median(expected[mask]), rel=1e-4)
+        # nipype's TSNR (what MRIQC uses) on the same steady-state volumes.
+        steady = tmp_path / f"{desc}_steady.nii.gz"
+        img = nb.load(series_file)
+        nb.Nifti1Image(data.astype(np.float32), img.affine, img.header).to_filename(steady)
+        monkeypatch.chdir(tmp_path)
+        nipype_tsnr = np.asarray(nb.load(TSNR(in_file=[str(steady)]).run().outputs.tsnr_file)
+                                 .dataobj)
+        # nipype computes in float32 (observed: up to 0.6 % apart from the float64 values).
+        np.testing.assert_allclose(tsnr[mask], nipype_tsnr[mask], rtol=1e-2)
+    assert qc["tsnr_gain"] == pytest.approx(qc["tsnr"] / qc["tsnr_raw"], rel=1e-6)
+
+
+def test_real_fd_and_outliers_match_hand_computation(real_run):
+    """FD (Power) from the six written parameters by hand; outliers from the thresholds."""
+    out = real_run["out"]
+    table = _confounds(out)
+    qc = _qc(out)
+    params = table[["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]].to_numpy()
+    steps = np.abs(np.diff(params, axis=0))
+    fd = steps[:, :3].sum(axis=1) + qc["fd_radius"] * steps[:, 3:].sum(axis=1)
+    assert np.isnan(table["framewise_displacement"][0])
+    np.testing.assert_allclose(table["framewise_displacement"][1:], fd, rtol=1e-5, atol=1e-6)
+    assert qc["fd_mean"] == pytest.approx(fd.mean(), rel=1e-5)
+    assert qc["fd_max"] == pytest.approx(fd.max(), rel=1e-5)
+    over = np.flatnonzero(np.concatenate([[0.0], fd]) > qc["fd_spike_threshold"])
+    assert qc["fd_num"] == len(over)
+    assert qc["fd_perc"] == pytest.approx(100 * len(over) / N_VOLUMES)
+    dvars = table["std_dvars"].to_numpy()
+    flagged = set(over) | set(np.flatnonzero(np.nan_to_num(dvars) > qc["dvars_spike_threshold"]))
+    outlier_columns = [c for c in table.columns if c.startswith("motion_outlier")]
+    assert sorted(int(table[c].to_numpy().argmax()) for c in outlier_columns) == sorted(flagged)
+
+
+def test_real_group_level_has_one_row_per_run(real_run):
+    out = real_run["out"]
+    assert main([str(real_run["bids"]), str(out), "group"]) == 0
+    table = pd.read_csv(out / "group_bold.tsv", sep="\t", dtype={"subject": str})
+    assert len(table) == 1  # one run in this dataset
+    row = table.iloc[0]
+    assert row["bids_name"] == "sub-01_task-fa_bold" and row["subject"] == "01"
+    qc = _qc(out)
+    for metric in ("tsnr", "fd_mean", "fd_num", "dvars_std", "usable_fraction"):
+        assert row[metric] == pytest.approx(qc[metric], rel=1e-3)
+    assert (out / "group_bold.html").stat().st_size > 1000
+
+
+def test_real_report_in_a_browser(real_run, tmp_path):
+    """The xa30 report in headless Chromium: every figure loads, nothing is logged as an error.
+
+    The screenshot is kept in pytest's temporary folder (printed) for a human to look at.
+    """
+    from browser import find_chromium, inspect_page
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium): "
+                    "cannot open the report in a browser")
+    report = real_run["out"] / "sub-01.html"
+    screenshot = tmp_path / "sub-01_report.png"
+    seen = inspect_page(report, screenshot)
+    print(f"\nreport screenshot: {screenshot} ({seen['height']} px high)")
+    names = sorted(Path(src).name for src, _ in seen["images"])
+    assert names == sorted(f"sub-01_task-fa_desc-{desc}_bold.svg" for desc in (
+        "mask", "beforeafter", "tsnr", "motion", "unimo", "carpet"))
+    assert all(width > 0 for _, width in seen["images"]), seen["images"]
+    assert seen["console_errors"] == []
+    assert screenshot.stat().st_size > 50_000

@@ -274,6 +274,11 @@ def main(argv=None) -> int:
         card.write_text(model_card(summary, str(output)))
     except OSError as error:
         return _fail(f"{output}: cannot write ({error.strerror or error})")
+    except Exception as error:  # scripting failed (e.g. segnet.py edited during training)
+        rescue = output.with_name(output.name + ".state_dict")
+        torch.save({"state_dict": model.state_dict(), "record": summary}, rescue)
+        return _fail(f"{output}: cannot write TorchScript ({' '.join(str(error).split())[:200]}); "
+                     f"the trained weights are in {rescue} (torch.save of a state_dict)")
     progress(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and its model card {card}")
     return 0
 

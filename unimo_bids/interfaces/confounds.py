@@ -145,7 +145,9 @@ def qc_from_confounds(
 
 
 def tsnr_map(data: np.ndarray, n_dummy: int = 0, chunk: int = 8) -> np.ndarray:
-    """Temporal SNR, ``mean / std`` over time (ddof=1), of a 4D array (X, Y, Z, T).
+    """Temporal SNR, ``mean / std`` over time, of a 4D array (X, Y, Z, T).
+
+    The standard deviation has ddof=0, as in nipype's ``TSNR`` (which MRIQC uses).
 
     The first ``n_dummy`` volumes are excluded. Voxels with zero (or non-finite) temporal
     standard deviation get 0, as do all voxels when fewer than two volumes remain. Accumulates in
@@ -160,7 +162,7 @@ def tsnr_map(data: np.ndarray, n_dummy: int = 0, chunk: int = 8) -> np.ndarray:
     for k0 in range(0, data.shape[2], chunk):
         block = np.asarray(data[:, :, k0 : k0 + chunk, n_dummy:], dtype=np.float64)
         mean = block.mean(axis=3)
-        std = block.std(axis=3, ddof=1)
+        std = block.std(axis=3, ddof=0)
         good = np.isfinite(std) & (std > 0) & np.isfinite(mean)
         tsnr = np.zeros_like(mean)
         tsnr[good] = mean[good] / std[good]

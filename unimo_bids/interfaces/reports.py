@@ -58,8 +58,12 @@ FIGURE_CAPTIONS = {
     "Power et al. 2012; dashed line: spike threshold, red marks: motion outliers) and RMSD.",
     "carpet": "FD, standardised DVARS and carpet plot (detrended, z-scored voxel time series "
     "in the brain mask) of the motion-corrected series; non-steady-state volumes left out.",
+    "unimo": "UniMo diagnostics per volume: disagreement between the image and shape "
+    "branches' rigid estimates, how far test-time refinement moved the network's fused "
+    "estimate (open marks: refinement started from another estimate than the network's), "
+    "the registration residual and, in moving-anatomy mode, the tracked mask's agreement.",
 }
-_FIGURE_ORDER = ("mask", "beforeafter", "tsnr", "motion", "carpet")
+_FIGURE_ORDER = ("mask", "beforeafter", "tsnr", "motion", "unimo", "carpet")
 
 # QC keys that describe the settings rather than the data (not used for outlier detection).
 _SETTING_KEYS = {
@@ -208,11 +212,13 @@ class _SeriesReportletsOutputSpec(TraitedSpec):
     out_tsnr = File(exists=True, desc="tSNR before vs after (SVG)")
     out_motion = File(exists=True, desc="motion parameters, FD and RMSD traces (SVG)")
     out_carpet = File(exists=True, desc="carpet plot with FD and DVARS traces (SVG)")
+    out_unimo = File(exists=True, desc="UniMo engine diagnostics per volume (SVG)")
 
 
 class SeriesReportlets(SimpleInterface):
-    """Draw the five reportlets of one series (SVG files in the working directory:
-    ``mask.svg``, ``beforeafter.svg``, ``tsnr.svg``, ``motion.svg``, ``carpet.svg``)."""
+    """Draw the six reportlets of one series (SVG files in the working directory:
+    ``mask.svg``, ``beforeafter.svg``, ``tsnr.svg``, ``motion.svg``, ``carpet.svg``,
+    ``unimo.svg``)."""
 
     input_spec = _SeriesReportletsInputSpec
     output_spec = _SeriesReportletsOutputSpec
@@ -246,6 +252,7 @@ class SeriesReportlets(SimpleInterface):
             nb.load(inputs.in_preproc), mask_img, confounds, inputs.fd_spike_threshold,
             cwd / "carpet.svg", skip=n_dummy,
         )
+        self._results["out_unimo"] = plot_unimo_diagnostics(confounds, cwd / "unimo.svg")
         return runtime
 
 
@@ -404,6 +411,53 @@ def plot_motion(confounds: pd.DataFrame, fd_threshold: float, out_file):
     return _savefig(fig, out_file)
 
 
+def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
+    """The engine's per-volume diagnostics, one panel per confounds column that is present.
+
+    Panels: branch disagreement and refinement shift (mm), registration residual, tracked-mask
+    agreement (moving-anatomy mode). The learned fusion weight lambda is in the title.
+    """
+    plt = _pyplot()
+    frames = np.arange(len(confounds))
+    panels = [(name, label) for name, label in (
+        ("unimo_branch_disagreement", "image vs shape\nbranch (mm)"),
+        ("unimo_refine_shift", "refinement\nshift (mm)"),
+        ("hmc_residual", "residual"),
+        ("mask_agreement", "mask Dice"),
+    ) if np.isfinite(_col(confounds, name)).any()]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(8, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No UniMo diagnostics in the confounds of this series.",
+                ha="center", va="center")
+        return _savefig(fig, out_file)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.4 * len(panels) + 0.6), sharex=True,
+                             squeeze=False)
+    axes = axes[:, 0]
+    from_network = _col(confounds, "unimo_start_network") == 1
+    for ax, (name, label) in zip(axes, panels):
+        values = _col(confounds, name)
+        ax.plot(frames, values, color="k", lw=1)
+        if name == "unimo_refine_shift" and np.isfinite(_col(confounds, "unimo_start_network")).any():
+            ax.plot(frames[from_network], values[from_network], "o", color="tab:blue", ms=3,
+                    label="from network")
+            ax.plot(frames[~from_network], values[~from_network], "o", mfc="none",
+                    color="tab:orange", ms=3, label="from other start")
+            ax.legend(loc="upper right", fontsize=7, frameon=False, ncol=2)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.set_xlim(-0.5, max(len(frames) - 0.5, 0.5))
+    axes[-1].set_xlabel("volume")
+    lam = _col(confounds, "unimo_lambda")
+    if np.isfinite(lam).any():
+        axes[0].set_title(f"learned fusion weight lambda = {np.nanmean(lam):.3f} "
+                          "(0 = image branch, 1 = shape branch)", fontsize=9)
+    fig.align_ylabels(axes)
+    fig.tight_layout()
+    return _savefig(fig, out_file)
+
+
 def plot_carpet_confounds(preproc_img, mask_img, confounds, fd_threshold, out_file, skip=0):
     """nilearn carpet plot of the corrected series under FD and std_dvars traces.
 
@@ -508,8 +562,12 @@ def _run_title(entities: dict) -> str:
     return ", ".join(parts) if parts else "series"
 
 
+_EMPHASIS = re.compile(r"\*([^*\n]+)\*")
+
+
 def _markdown_html(text: str) -> str:
-    """Tiny, safe rendering of a Markdown text: headings and paragraphs (all escaped)."""
+    """Tiny, safe rendering of a Markdown text: headings, paragraphs and *emphasis* (all
+    escaped first)."""
     blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
     out = []
     for block in blocks:
@@ -518,8 +576,58 @@ def _markdown_html(text: str) -> str:
             level = min(len(match.group(1)) + 2, 6)
             out.append(f"<h{level}>{_esc(match.group(2))}</h{level}>")
         else:
-            out.append(f"<p>{_esc(block)}</p>")
+            out.append("<p>" + _EMPHASIS.sub(r"<em>\1</em>", _esc(block)) + "</p>")
     return "\n".join(out)
+
+
+def _repetition_time(qc_file: Path, prefix: str) -> float | None:
+    sidecar = qc_file.with_name(prefix + "desc-preproc_bold.json")
+    try:
+        tr = float(json.loads(sidecar.read_text())["RepetitionTime"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tr if np.isfinite(tr) and tr > 0 else None
+
+
+def outlier_table(qc_file: Path, prefix: str, metrics: dict, max_rows: int = 100) -> str:
+    """HTML table of the run's flagged volumes, read from its confounds TSV.
+
+    One row per non-steady-state or motion-outlier volume: index, onset (s), FD, std_dvars and
+    which criterion flagged it (thresholds from the QC JSON).
+    """
+    table_file = qc_file.with_name(prefix + "desc-confounds_timeseries.tsv")
+    try:
+        confounds = _read_confounds(table_file)
+    except (OSError, ValueError) as exc:
+        return f"<p class=\"err\">Could not read {_esc(table_file.name)}: {_esc(exc)}</p>"
+    dummies = set(_spike_rows(confounds, NSS_PREFIX).tolist())
+    outliers = set(_spike_rows(confounds, MOTION_OUTLIER_PREFIX).tolist())
+    flagged = sorted(dummies | outliers)
+    if not flagged:
+        return "<p class=\"ok\">No volume was flagged.</p>"
+    fd, dvars = _col(confounds, "framewise_displacement"), _col(confounds, "std_dvars")
+    fd_thr = metrics.get("fd_spike_threshold")
+    dvars_thr = metrics.get("dvars_spike_threshold")
+    tr = _repetition_time(qc_file, prefix)
+    rows = []
+    for index in flagged[:max_rows]:
+        reasons = []
+        if index in dummies:
+            reasons.append("non-steady state")
+        if index in outliers:
+            criteria = []
+            if fd_thr is not None and np.isfinite(fd[index]) and fd[index] > fd_thr:
+                criteria.append(f"FD &gt; {_esc(_fmt(fd_thr))} mm")
+            if dvars_thr is not None and np.isfinite(dvars[index]) and dvars[index] > dvars_thr:
+                criteria.append(f"std DVARS &gt; {_esc(_fmt(dvars_thr))}")
+            reasons.extend(criteria or ["motion outlier"])
+        onset = _fmt(index * tr) if tr else "n/a"
+        rows.append(f"<tr><td>{index}</td><td>{onset}</td><td>{_esc(_fmt(fd[index]))}</td>"
+                    f"<td>{_esc(_fmt(dvars[index]))}</td><td>{', '.join(reasons)}</td></tr>")
+    more = (f"<p>... and {len(flagged) - max_rows} more (see "
+            f"{_esc(table_file.name)}).</p>" if len(flagged) > max_rows else "")
+    return ("<table class=\"outliers\"><tr><th>volume</th><th>onset (s)</th><th>FD (mm)</th>"
+            f"<th>std DVARS</th><th>flagged for</th></tr>{''.join(rows)}</table>{more}")
 
 
 def _figure_desc(name: str) -> str | None:
@@ -596,6 +704,7 @@ def build_subject_report(output_dir, subject: str, summary: dict, errors: list[s
             f"<section id=\"{anchor}\"><h2>{_esc(title)}</h2>"
             f"<p><code>{_esc(prefixes[qc_file].rstrip('_'))}</code></p>"
             f"<h3>Quality metrics</h3>{_metrics_table(metrics)}"
+            f"<h3>Flagged volumes</h3>{outlier_table(qc_file, prefixes[qc_file], metrics)}"
             f"<h3>Figures</h3>{''.join(fig_html) or '<p>No figures found.</p>'}</section>"
         )
     if not qc_files:

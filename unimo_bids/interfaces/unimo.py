@@ -60,6 +60,12 @@ NETWORK_META = {
                        "refinement moved the network's answer.",
         "Units": "mm",
     },
+    "unimo_branch_disagreement": {
+        "Description": "Mean displacement over the reference brain mask between the image "
+                       "branch's and the shape branch's rigid estimates: large where the two "
+                       "branches of the network disagree.",
+        "Units": "mm",
+    },
     "unimo_start_network": {
         "Description": "1 where refinement continued from the network's estimate, 0 where it "
                        "continued from another start (the identity, or in moving-anatomy mode "
@@ -87,6 +93,8 @@ def network_diagnostics(result, affine, mask) -> dict:
     columns = {"unimo_lambda": np.full(len(result.transforms), result.network.lam),
                "unimo_refine_shift": mean_displacement(result.network.fused, result.transforms,
                                                        points),
+               "unimo_branch_disagreement": mean_displacement(result.network.image,
+                                                              result.network.shape, points),
                "unimo_start_network": (result.start == 1).astype(int)}
     for branch in BRANCHES:
         params = motion_parameters(getattr(result.network, branch), center)

@@ -39,6 +39,7 @@ SERIES_FIGURES = {
     "desc-tsnr_bold": "out_tsnr",
     "desc-motion_bold": "out_motion",
     "desc-carpet_bold": "out_carpet",
+    "desc-unimo_bold": "out_unimo",
 }
 
 
