@@ -302,6 +302,32 @@ def test_version_prints_the_version(capsys):
 # --- reports and boilerplate ---------------------------------------------------------------
 
 
+def test_deformable_adds_fields_composes_them_and_says_so(dataset, base):
+    """--deformable: the displacement series is written (5D, world mm, on its own grid), the
+    confounds gain the deformation diagnostics, the corrected series changes (one composed
+    resampling), and the methods and report say so."""
+    assert _run(dataset, "out_deform", *BASE, "--deformable") == 0
+    out = dataset["root"] / "out_deform"
+    fields = nb.load(_output(out, "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz"))
+    assert fields.ndim == 5 and fields.shape[3:] == (len(POSES), 3)
+    assert fields.header.get_intent()[0] == "vector"
+    table = _confounds(out)
+    for column in ("deform_mean", "deform_max", "deform_jacobian_min", "deform_ncc"):
+        assert table[column].notna().all(), column
+    assert (table["deform_jacobian_min"] > 0).all()
+    meta = json.loads(_output(out, "desc-confounds_timeseries.json").read_text())
+    assert meta["deform_mean"]["Units"] == "mm"
+    # The rigid part is the base run's (same work folder); only the resampling differs.
+    assert np.allclose(table[["trans_x", "rot_z"]], _confounds(base["out"])[["trans_x", "rot_z"]])
+    rigid = nb.load(_output(base["out"], "desc-preproc_bold.nii.gz")).get_fdata()
+    deformed = nb.load(_output(out, "desc-preproc_bold.nii.gz")).get_fdata()
+    assert rigid.shape == deformed.shape and not np.allclose(rigid, deformed)
+    assert "EPDiff" in (out / "logs" / "CITATION.md").read_text()
+    assert "EPDiff deformation" in (out / "sub-01.html").read_text()
+    assert not _output(base["out"], "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz"
+                       ).exists()
+
+
 def test_reports_only_rebuilds_the_report_without_a_work_dir(dataset, base, tmp_path, capsys):
     assert base["code"] == 0
     out = tmp_path / "out"

@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     g_hmc.add_argument("--no-refine", dest="refine", action="store_false",
                        help="report the network's fused estimate without test-time refinement "
                             "(to judge the network alone)")
+    g_hmc.add_argument("--deformable", action="store_true",
+                       help="after the rigid step, correct local deformation per volume with "
+                            "band-limited EPDiff shooting (test-time optimised), composed with "
+                            "the rigid transform into one resampling; writes the displacement "
+                            "fields")
     g_hmc.add_argument("--dummy-scans", type=_int_at_least(0), default=None, metavar="N",
                        help="leading non-steady-state volumes (default: detected)")
     g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",

@@ -287,7 +287,7 @@ def run_participant(args) -> int:
         dvars_spike_threshold=args.dvars_spike_threshold, device=device,
         omp_nthreads=omp_nthreads, seed=args.random_seed,
         weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine,
-        moving_anatomy=args.moving_anatomy,
+        moving_anatomy=args.moving_anatomy, deformable=args.deformable,
         seg_model=str(args.seg_model.resolve()) if args.seg_model else None,
         template=template, template_home=template_home)
     workflow = init_unimo_bids_wf(runs, options)

@@ -61,7 +61,9 @@ FIGURE_CAPTIONS = {
     "unimo": "UniMo diagnostics per volume: disagreement between the image and shape "
     "branches' rigid estimates, how far test-time refinement moved the network's fused "
     "estimate (open marks: refinement started from another estimate than the network's), "
-    "the registration residual and, in moving-anatomy mode, the tracked mask's agreement.",
+    "the registration residual, in moving-anatomy mode the tracked mask's agreement, and with "
+    "--deformable the deformation's mean length, smallest Jacobian determinant and the "
+    "correlation with the reference before and after it.",
 }
 _FIGURE_ORDER = ("mask", "beforeafter", "tsnr", "motion", "unimo", "carpet")
 
@@ -415,7 +417,8 @@ def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
     """The engine's per-volume diagnostics, one panel per confounds column that is present.
 
     Panels: branch disagreement and refinement shift (mm), registration residual, tracked-mask
-    agreement (moving-anatomy mode). The learned fusion weight lambda is in the title.
+    agreement (moving-anatomy mode), deformation length, smallest Jacobian determinant and
+    correlation with the reference (--deformable). The fusion weight lambda is in the title.
     """
     plt = _pyplot()
     frames = np.arange(len(confounds))
@@ -424,6 +427,9 @@ def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
         ("unimo_refine_shift", "refinement\nshift (mm)"),
         ("hmc_residual", "residual"),
         ("mask_agreement", "mask Dice"),
+        ("deform_mean", "deformation\nmean (mm)"),
+        ("deform_jacobian_min", "deformation\nmin Jacobian"),
+        ("deform_ncc", "correlation\nwith reference"),
     ) if np.isfinite(_col(confounds, name)).any()]
     if not panels:
         fig, ax = plt.subplots(figsize=(8, 1.2))
@@ -444,6 +450,11 @@ def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
             ax.plot(frames[~from_network], values[~from_network], "o", mfc="none",
                     color="tab:orange", ms=3, label="from other start")
             ax.legend(loc="upper right", fontsize=7, frameon=False, ncol=2)
+        if name == "deform_ncc":
+            ax.plot(frames, _col(confounds, "deform_ncc_rigid"), color="0.5", lw=1, ls="--",
+                    label="rigid only")
+            ax.lines[0].set_label("rigid + deformable")
+            ax.legend(loc="lower right", fontsize=7, frameon=False, ncol=2)
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, lw=0.5)

@@ -18,6 +18,7 @@ from nipype.interfaces.base import (
 )
 from nitransforms.linear import LinearTransformsMapping
 
+from ..unimo.deform import estimate_deformation
 from ..unimo.geometry import grid_center, mean_displacement, motion_parameters, world_points
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
 from ..unimo.network import load_network
@@ -103,6 +104,15 @@ def network_diagnostics(result, affine, mask) -> dict:
     return columns
 
 
+def _series_inputs(inputs):
+    """Threads and seed set; (image, series (X, Y, Z, T) float32, reference, reference mask)."""
+    _set_threads(inputs.num_threads, inputs.seed)
+    img = nb.load(inputs.in_file)
+    series = np.asarray(img.dataobj, dtype=np.float32)
+    reference = np.asarray(nb.load(inputs.reference).dataobj, dtype=np.float32)
+    return img, series, reference, np.asarray(nb.load(inputs.reference_mask).dataobj) > 0
+
+
 def write_itk_transforms(transforms: np.ndarray, path: str) -> None:
     """Write (T, 4, 4) RAS fixed -> moving matrices as one ITK AffineTransform per volume."""
     LinearTransformsMapping(transforms).to_filename(path, fmt="itk")
@@ -147,11 +157,7 @@ class UniMoRigid(SimpleInterface):
     output_spec = _UniMoRigidOutputSpec
 
     def _run_interface(self, runtime):
-        _set_threads(self.inputs.num_threads, self.inputs.seed)
-        img = nb.load(self.inputs.in_file)
-        series = np.asarray(img.dataobj, dtype=np.float32)
-        reference = np.asarray(nb.load(self.inputs.reference).dataobj, dtype=np.float32)
-        mask = np.asarray(nb.load(self.inputs.reference_mask).dataobj) > 0
+        img, series, reference, mask = _series_inputs(self.inputs)
         shapes = shape_ref = None
         if self.inputs.in_shape_maps and self.inputs.reference_shape_map:
             shapes = np.asarray(nb.load(self.inputs.in_shape_maps).dataobj, dtype=np.float32)
@@ -206,6 +212,8 @@ class UniMoRigid(SimpleInterface):
 class _ApplyInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="validated 4D series")
     in_transforms = File(exists=True, mandatory=True, desc="(T, 4, 4) .npy transforms")
+    in_fields = File(exists=True, desc="deformable displacement series (UniMoDeform), composed "
+                                       "with the transforms into one interpolation")
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
 
@@ -215,7 +223,8 @@ class _ApplyOutputSpec(TraitedSpec):
 
 
 class ApplyHeadMotion(SimpleInterface):
-    """Resample each volume onto the reference grid once, through its rigid transform."""
+    """Resample each volume onto the reference grid once, through its rigid transform (and its
+    deformation, when given)."""
 
     input_spec = _ApplyInputSpec
     output_spec = _ApplyOutputSpec
@@ -225,9 +234,127 @@ class ApplyHeadMotion(SimpleInterface):
         img = nb.load(self.inputs.in_file)
         series = np.asarray(img.dataobj, dtype=np.float32)
         transforms = np.load(self.inputs.in_transforms)
-        corrected = apply_head_motion(series, img.affine, transforms, device=self.inputs.device)
+        fields = field_affine = None
+        if self.inputs.in_fields:
+            fields, field_affine = load_fields(self.inputs.in_fields)
+        corrected = apply_head_motion(series, img.affine, transforms, device=self.inputs.device,
+                                      fields=fields, field_affine=field_affine)
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         self._results["out_file"] = os.path.join(runtime.cwd, "preproc.nii.gz")
         nb.Nifti1Image(corrected, img.affine, header).to_filename(self._results["out_file"])
+        return runtime
+
+
+DEFORM_META = {
+    "deform_mean": {
+        "Description": "Mean length of the deformable displacement (after the rigid "
+                       "transform) over the reference brain mask.",
+        "Units": "mm",
+    },
+    "deform_max": {
+        "Description": "Largest length of the deformable displacement over the reference "
+                       "brain mask.",
+        "Units": "mm",
+    },
+    "deform_jacobian_min": {
+        "Description": "Smallest Jacobian determinant of the deformation on its working grid "
+                       "(> 0: the deformation is invertible, folds nowhere).",
+        "Units": "arbitrary",
+    },
+    "deform_rejected": {
+        "Description": "1 where the estimated deformation folded (a Jacobian determinant <= 0) "
+                       "and was not used: the volume was corrected rigidly only.",
+        "Units": "boolean",
+    },
+    "deform_ncc_rigid": {
+        "Description": "Correlation with the reference inside the brain mask after the rigid "
+                       "transform alone (working grid).",
+        "Units": "arbitrary",
+    },
+    "deform_ncc": {
+        "Description": "Correlation with the reference inside the brain mask after the rigid "
+                       "transform and the deformation (working grid).",
+        "Units": "arbitrary",
+    },
+}
+
+
+def save_fields(deformation, path: str) -> str:
+    """Write a Deformation's fields as a 5D NIfTI (X', Y', Z', T, 3) of world RAS mm vectors on
+    its working grid (intent 'vector'), the convention of ``unimo.deform``."""
+    data = np.ascontiguousarray(np.transpose(deformation.displacement, (2, 3, 4, 0, 1)),
+                                dtype=np.float32)
+    img = nb.Nifti1Image(data, deformation.grid_affine)
+    img.header.set_intent("vector", (), name="RAS mm pull-back")
+    img.header.set_xyzt_units("mm")
+    img.to_filename(path)
+    return path
+
+
+def load_fields(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fields (T, 3, X', Y', Z') float32, grid affine (4, 4)) from ``save_fields``' file."""
+    img = nb.load(path)
+    if img.ndim != 5 or img.shape[4] != 3:
+        raise ValueError(f"{path}: expected a (X, Y, Z, T, 3) displacement series, got shape "
+                         f"{img.shape}")
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return np.ascontiguousarray(np.transpose(data, (3, 4, 0, 1, 2))), img.affine
+
+
+class _UniMoDeformInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="validated 4D series")
+    reference = File(exists=True, mandatory=True, desc="3D reference on the same grid")
+    reference_mask = File(exists=True, mandatory=True, desc="brain mask of the reference")
+    in_transforms = File(exists=True, mandatory=True, desc="(T, 4, 4) .npy rigid transforms")
+    in_diagnostics = File(exists=True, desc="the rigid step's diagnostics (.tsv), extended")
+    in_diagnostics_meta = File(exists=True, desc="their descriptions (.json), extended")
+    iterations = traits.Int(0, usedefault=True,
+                            desc="test-time optimisation steps; 0: the engine's default")
+    device = traits.Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    seed = traits.Either(None, traits.Int, default=None, usedefault=True)
+
+
+class _UniMoDeformOutputSpec(TraitedSpec):
+    out_fields = File(exists=True, desc="5D NIfTI (X', Y', Z', T, 3) displacement series")
+    out_diagnostics = File(exists=True, desc="rigid + deformable diagnostics (.tsv)")
+    out_diagnostics_meta = File(exists=True, desc="descriptions and units (.json)")
+
+
+class UniMoDeform(SimpleInterface):
+    """Band-limited EPDiff deformable correction after the rigid transforms (``unimo.deform``).
+    """
+
+    input_spec = _UniMoDeformInputSpec
+    output_spec = _UniMoDeformOutputSpec
+
+    def _run_interface(self, runtime):
+        img, series, reference, mask = _series_inputs(self.inputs)
+        options = {"iterations": self.inputs.iterations} if self.inputs.iterations > 0 else {}
+        deformation = estimate_deformation(series, img.affine, reference, mask,
+                                           np.load(self.inputs.in_transforms),
+                                           device=self.inputs.device, **options)
+        self._results["out_fields"] = save_fields(
+            deformation, os.path.join(runtime.cwd, "deform_fields.nii.gz"))
+
+        columns = (pd.read_csv(self.inputs.in_diagnostics, sep="\t", na_values=["n/a"])
+                   if self.inputs.in_diagnostics else pd.DataFrame(index=range(series.shape[3])))
+        meta = {}
+        if self.inputs.in_diagnostics_meta:
+            with open(self.inputs.in_diagnostics_meta) as handle:
+                meta = json.load(handle)
+        columns = columns.assign(deform_mean=deformation.mean_mm, deform_max=deformation.max_mm,
+                                 deform_jacobian_min=deformation.min_jacobian,
+                                 deform_rejected=deformation.rejected.astype(int),
+                                 deform_ncc_rigid=deformation.ncc_rigid,
+                                 deform_ncc=deformation.ncc_deformed)
+        meta.update(DEFORM_META)
+        self._results["out_diagnostics"] = os.path.join(runtime.cwd, "deform_diagnostics.tsv")
+        columns.to_csv(self._results["out_diagnostics"], sep="\t", index=False,
+                       float_format="%.6g", na_rep="n/a")
+        self._results["out_diagnostics_meta"] = os.path.join(runtime.cwd,
+                                                             "deform_diagnostics.json")
+        with open(self._results["out_diagnostics_meta"], "w") as handle:
+            json.dump(meta, handle, indent=2)
         return runtime

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .deform import deformable_voxel_points, field_on_grid
 from .geometry import centroids, voxel_sizes
 from .heap import retained_heap
 from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
-from .resample import resample, voxel_map
+from .resample import resample, sample_points, voxel_map
 
 # The shape map (signed distance of each volume's mask) widens the capture range at coarse
 # levels; the finest level uses intensities alone, which carry the sub-voxel detail.
@@ -241,19 +242,33 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
 
 
 def apply_head_motion(
-    series: np.ndarray, affine, transforms: np.ndarray, device: str = "cpu", chunk_size: int = 64
+    series: np.ndarray, affine, transforms: np.ndarray, device: str = "cpu", chunk_size: int = 64,
+    fields: np.ndarray | None = None, field_affine=None,
 ) -> np.ndarray:
     """Resample every volume onto the reference grid through its transform, once (trilinear).
 
-    series: (X, Y, Z, T); transforms: (T, 4, 4). Returns (X, Y, Z, T) float32; points that fall
-    outside the original field of view are 0.
+    series: (X, Y, Z, T); transforms: (T, 4, 4). With ``fields`` (T, 3, X', Y', Z'), world mm
+    displacements on the grid ``field_affine`` (``deform.Deformation``), volume t is read at
+    T_t(p + u_t(p)): the rigid and deformable parts compose into one interpolation.
+    Returns (X, Y, Z, T) float32; points that fall outside the original field of view are 0.
     """
     affine_t = torch.as_tensor(np.asarray(affine, dtype=float), device=device)
     out = np.empty(series.shape, dtype=np.float32)
+    if fields is not None:
+        chunk_size = min(chunk_size, 16)  # one (B, N, 3) float64 point array per chunk
     for start in range(0, series.shape[-1], chunk_size):
         stop = min(start + chunk_size, series.shape[-1])
-        maps = voxel_map(torch.as_tensor(transforms[start:stop], device=device), affine_t,
-                         affine_t)
-        moved = resample(_as_batch(series, start, stop).to(device), maps, series.shape[:3])
+        volumes = _as_batch(series, start, stop).to(device)
+        transforms_t = torch.as_tensor(transforms[start:stop], device=device)
+        if fields is None:
+            moved = resample(volumes, voxel_map(transforms_t, affine_t, affine_t),
+                             series.shape[:3])
+        else:
+            displacement = field_on_grid(torch.as_tensor(fields[start:stop], device=device),
+                                         field_affine, series.shape[:3], affine_t)
+            points = deformable_voxel_points(transforms_t, displacement, affine_t,
+                                             series.shape[:3])
+            values, _ = sample_points(volumes, points)
+            moved = values.view(volumes.shape)
         out[..., start:stop] = np.moveaxis(moved[:, 0].cpu().numpy(), 0, -1)
     return out

@@ -38,6 +38,7 @@ class WorkflowOptions:
     weights: str | None = None
     refine: bool = True
     moving_anatomy: bool = False
+    deformable: bool = False
     seg_model: str | None = None
     template: str | None = None
     template_home: str | None = None
@@ -96,5 +97,5 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
             omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
             refine=options.refine, moving_anatomy=options.moving_anatomy,
             ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
-            template_home=options.template_home)])
+            template_home=options.template_home, deformable=options.deformable)])
     return workflow

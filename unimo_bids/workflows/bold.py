@@ -16,7 +16,8 @@ from ..interfaces.reports import SeriesReportlets
 from ..interfaces.segment import Segment, ShapeMap
 from ..interfaces.series import HMCReference, ValidateSeries
 from ..interfaces.template import TemplatePrior
-from ..interfaces.unimo import ApplyHeadMotion, UniMoRigid
+from ..interfaces.unimo import ApplyHeadMotion, UniMoDeform, UniMoRigid
+from ..unimo import epdiff
 
 # Derivative name (after the source entities) -> (node, output) that produces it.
 SERIES_OUTPUTS = {
@@ -33,6 +34,9 @@ SERIES_OUTPUTS = {
 }
 # Extra outputs of the moving-anatomy (tracked) mode.
 TRACKED_OUTPUTS = {"desc-tracked_mask.nii.gz": ("unimo_rigid", "out_masks")}
+# Extra output of --deformable: the displacement series (see unimo.deform for the convention).
+DEFORM_OUTPUTS = {
+    "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz": ("unimo_deform", "out_fields")}
 SERIES_FIGURES = {
     "desc-mask_bold": "out_mask",
     "desc-beforeafter_bold": "out_beforeafter",
@@ -88,6 +92,13 @@ The UniMo network (E(3)-equivariant keypoints of the volume and of its shape map
 aligned to the reference's by a weighted Kabsch solve and fused by a learned SLERP weight)
 estimated each volume's rigid motion. """
 
+DEFORMABLE_DESC = """Local deformation left after the rigid transform was then corrected per volume by a
+band-limited LDDMM (EPDiff geodesic shooting of an initial velocity truncated to its lowest
+{band}^3 Fourier frequencies, {steps} Euler steps, in the style of FLASH and UniMo), the initial
+velocity being optimised at test time on intensities inside the brain mask with an
+<L v, v> regulariser; the rigid transform and the deformation were composed so that each volume
+was interpolated once. """.format(band=epdiff.DEFAULT_BAND, steps=epdiff.DEFAULT_STEPS)
+
 
 def masks_description(moving_anatomy: bool, ref_mask, seg_model, template) -> str:
     """The methods text on masks and shape maps."""
@@ -134,6 +145,7 @@ def init_series_wf(
     seg_model: str | None = None,
     template: str | None = None,
     template_home: str | None = None,
+    deformable: bool = False,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
@@ -148,6 +160,8 @@ def init_series_wf(
     seg_model: a trained segmenter (TorchScript) instead of the classical masks.
     template: a TemplateFlow template ID whose brain mask, fitted to the reference mask, checks
         (and corrects) a segmented reference mask; read from ``template_home``.
+    deformable: after the rigid step, estimate a band-limited EPDiff deformation per volume
+        (``UniMoDeform``) and compose it with the rigid transform in the one resampling.
 
     Inputs
     ------
@@ -171,11 +185,12 @@ def init_series_wf(
     workflow.__desc__ = """\
 Head-motion parameters of the series were estimated with *unimo-bids* against a reference
 volume ({ref}). {masks}{network}{refinement}
-Each volume was then resampled once onto the reference grid (trilinear). Framewise displacement
+{deformable}Each volume was then resampled once onto the reference grid (trilinear). Framewise displacement
 (Power, radius {radius:g} mm), RMSD and DVARS were computed with Nipype, and volumes with FD >
 {fd:g} mm or standardised DVARS > {dvars:g} were flagged as motion outliers.
 """.format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold,
            network=NETWORK_DESC, refinement=refinement,
+           deformable=DEFORMABLE_DESC if deformable else "",
            masks=masks_description(moving_anatomy, ref_mask, seg_model, template))
 
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "preproc"]),
@@ -230,7 +245,8 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
                                if k in ("TaskName", "SliceTiming", "EchoTime",
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
-    outputs = dict(SERIES_OUTPUTS, **(TRACKED_OUTPUTS if moving_anatomy else {}))
+    outputs = dict(SERIES_OUTPUTS, **(TRACKED_OUTPUTS if moving_anatomy else {}),
+                   **(DEFORM_OUTPUTS if deformable else {}))
     outputs["desc-brain_mask.nii.gz"] = ("reference_mask", mask_output)
     names = list(outputs)
     gather_files = pe.Node(niu.Merge(len(names)), name="gather_files", run_without_submitting=True)
@@ -244,6 +260,24 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
     nodes = {"apply_hmc": apply_hmc, "hmc_reference": hmc_reference, "segment": segment,
              "reference_shape": reference_shape, "unimo_rigid": unimo_rigid,
              "confounds": confounds, "reference_mask": reference_mask}
+    if deformable:
+        unimo_deform = pe.Node(UniMoDeform(device=device, num_threads=omp_nthreads, seed=seed),
+                               name="unimo_deform", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
+        nodes["unimo_deform"] = unimo_deform
+        workflow.connect([
+            (validate, unimo_deform, [("out_file", "in_file")]),
+            (hmc_reference, unimo_deform, [("out_file", "reference")]),
+            (reference_mask, unimo_deform, [(mask_output, "reference_mask")]),
+            (unimo_rigid, unimo_deform, [("out_transforms", "in_transforms"),
+                                         ("out_diagnostics", "in_diagnostics"),
+                                         ("out_diagnostics_meta", "in_diagnostics_meta")]),
+            (unimo_deform, apply_hmc, [("out_fields", "in_fields")]),
+            (unimo_deform, confounds, [("out_diagnostics", "diagnostics"),
+                                       ("out_diagnostics_meta", "diagnostics_meta")]),
+        ])
+    else:
+        workflow.connect(unimo_rigid, "out_diagnostics", confounds, "diagnostics")
+        workflow.connect(unimo_rigid, "out_diagnostics_meta", confounds, "diagnostics_meta")
     if mask_output == "out_mask":  # the template check needs the reference too
         workflow.connect([(hmc_reference, reference_mask, [("out_file", "reference")]),
                           (segment, reference_mask, [("out_ref_mask", "reference_mask")]),
@@ -271,9 +305,7 @@ Each volume was then resampled once onto the reference grid (trilinear). Framewi
         (validate, confounds, [("out_file", "in_raw")]),
         (apply_hmc, confounds, [("out_file", "in_preproc")]),
         (reference_mask, confounds, [(mask_output, "in_mask")]),
-        (unimo_rigid, confounds, [("out_transforms", "in_transforms"),
-                                  ("out_diagnostics", "diagnostics"),
-                                  ("out_diagnostics_meta", "diagnostics_meta")]),
+        (unimo_rigid, confounds, [("out_transforms", "in_transforms")]),
         (hmc_reference, confounds, [("n_dummy", "non_steady_state")]),
         (validate, reportlets, [("out_file", "in_raw")]),
         (apply_hmc, reportlets, [("out_file", "in_preproc")]),
