@@ -28,7 +28,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def brain():
     """MNI template on a 6 mm RAS working grid: (volume (1,1,X,Y,Z), mask, spacing)."""
-    return deform_net.mni_training_volume(spacing_mm=6.0)
+    from nilearn.datasets import load_mni152_template  # shipped with nilearn: no download
+
+    img = load_mni152_template(resolution=2)
+    return deform_net.volume_on_grid(np.asarray(img.get_fdata(), dtype=np.float32), img.affine,
+                                     spacing_mm=6.0)
 
 
 def _ball_distance(shape, center, radius, spacing):

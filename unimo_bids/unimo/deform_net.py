@@ -23,7 +23,7 @@ true coefficients are known, a supervised term: sum_k |v0_hat - v_true|^2, which
 the spatial mean of |v0 - v_true|^2 over the grid (mm^2), so it does not shrink with the band.
 
 Training (:func:`train_velocity_predictor`) uses synthetic pairs from one real brain volume
-(:func:`synthetic_pairs`, e.g. nilearn's MNI152 template, :func:`mni_training_volume`): a random
+(:func:`synthetic_pairs`, e.g. nilearn's MNI152 template on a grid, :func:`volume_on_grid`): a random
 correcting velocity c (``epdiff.random_velocity``) is shot to its pull-back u_c and forward map
 f_c = phi_1 - id, and moving = warp(fixed, f_c). Then warp(moving, u_c)(x) = fixed(phi_1(phi_1^-1
 x)) = fixed(x): c is exactly the velocity the network should predict and u_c the displacement it
@@ -63,7 +63,6 @@ __all__ = [
     "deformable_losses",
     "displacement_error",
     "load_predictor",
-    "mni_training_volume",
     "predict_velocity",
     "save_predictor",
     "synthetic_pairs",
@@ -330,16 +329,6 @@ def volume_on_grid(data: np.ndarray, affine, spacing_mm: float = 4.0, margin_mm:
     return volume / scale, grid_mask, spacing
 
 
-def mni_training_volume(spacing_mm: float = 4.0, margin_mm: float = 12.0):
-    """nilearn's MNI152 template (2 mm, shipped with nilearn: no download) on a working grid of
-    ``spacing_mm`` (4 mm: 41 x 50 x 43; 6 mm: 28 x 34 x 29). See :func:`volume_on_grid`."""
-    from nilearn.datasets import load_mni152_template
-
-    img = load_mni152_template(resolution=2)
-    return volume_on_grid(np.asarray(img.get_fdata(), dtype=np.float32), img.affine,
-                          spacing_mm, margin_mm)
-
-
 @dataclass
 class Pairs:
     """A batch of synthetic training pairs on one grid.
@@ -483,7 +472,7 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
                              pool_size: int = 8, reuse: int = 4, log=None) -> TrainingRecord:
     """Train ``net`` in place on synthetic pairs of ``template``; returns a TrainingRecord.
 
-    template, mask: (1, 1, X, Y, Z) (:func:`mni_training_volume`); spacing (3,) mm. Runs
+    template, mask: (1, 1, X, Y, Z) (:func:`volume_on_grid`); spacing (3,) mm. Runs
     ``steps`` Adam steps, or as many as fit in ``minutes`` (one of them; with both, whichever
     ends first). The first ``warmup`` part (of the steps, or of the time) uses the supervised
     loss on the true velocity; the rest the unsupervised image + shape + sigma * regulariser
