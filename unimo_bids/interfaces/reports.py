@@ -443,7 +443,8 @@ def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
     from_network = _col(confounds, "unimo_start_network") == 1
     for ax, (name, label) in zip(axes, panels):
         values = _col(confounds, name)
-        ax.plot(frames, values, color="k", lw=1)
+        ax.plot(frames, values, color="k", lw=1,
+                label="rigid + deformable" if name == "deform_ncc" else None)
         if name == "unimo_refine_shift" and np.isfinite(_col(confounds, "unimo_start_network")).any():
             ax.plot(frames[from_network], values[from_network], "o", color="tab:blue", ms=3,
                     label="from network")
@@ -453,7 +454,6 @@ def plot_unimo_diagnostics(confounds: pd.DataFrame, out_file):
         if name == "deform_ncc":
             ax.plot(frames, _col(confounds, "deform_ncc_rigid"), color="0.5", lw=1, ls="--",
                     label="rigid only")
-            ax.lines[0].set_label("rigid + deformable")
             ax.legend(loc="lower right", fontsize=7, frameon=False, ncol=2)
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=7)

@@ -79,11 +79,23 @@ def deformation_grid(mask: np.ndarray, affine, spacing_mm: float = GRID_SPACING_
     return grid_affine, shape
 
 
-def _normalise(volumes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each volume scaled to unit median inside the mask: (B, 1, X, Y, Z)."""
-    inside = volumes[:, 0][:, mask]
-    scale = inside.median(dim=1).values.clamp_min(1e-6)
-    return volumes / scale.view(-1, 1, 1, 1, 1)
+def unit_median(volumes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each volume of (B, 1, X, Y, Z) scaled to unit median inside ``mask`` (a bool mask of the
+    grid, (X, Y, Z) or (1, 1, X, Y, Z))."""
+    inside = volumes.flatten(1)[:, mask.flatten()]
+    return volumes / inside.median(dim=1).values.clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+
+
+def reference_on_grid(reference: np.ndarray, affine, reference_mask: np.ndarray, grid_affine,
+                      grid_shape, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference on a working grid, unit median in its mask, and that mask on the grid:
+    ((1, 1, X', Y', Z') float32, (X', Y', Z') bool)."""
+    reference_t = torch.as_tensor(np.asarray(reference, np.float32), device=device)[None, None]
+    fixed = to_working_grid(reference_t, affine, grid_affine, grid_shape)
+    mask_t = torch.as_tensor(np.asarray(reference_mask, np.float32), device=device)[None, None]
+    grid_mask = to_working_grid(mask_t, affine, grid_affine, grid_shape,
+                                antialias=False)[0, 0] > 0.5
+    return unit_median(fixed, grid_mask), grid_mask
 
 
 def _masked_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,12 +122,8 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
     """
     grid_affine, grid_shape = deformation_grid(reference_mask.astype(bool), affine)
     spacing = tuple(voxel_sizes(grid_affine))
-    reference_t = torch.as_tensor(reference, dtype=torch.float32, device=device)[None, None]
-    fixed = to_working_grid(reference_t, affine, grid_affine, grid_shape)
-    mask_t = torch.as_tensor(reference_mask.astype(np.float32), device=device)[None, None]
-    grid_mask = to_working_grid(mask_t, affine, grid_affine, grid_shape, antialias=False)[0, 0]
-    grid_mask = grid_mask > 0.5
-    fixed = _normalise(fixed, grid_mask)
+    fixed, grid_mask = reference_on_grid(reference, affine, reference_mask, grid_affine,
+                                         grid_shape, device)
 
     n_volumes = series.shape[-1]
     fields, velocities = [], []
@@ -126,7 +134,7 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
             np.moveaxis(series[..., start:stop], -1, 0), dtype=np.float32), device=device)[:, None]
         moving = to_working_grid(volumes, affine, grid_affine, grid_shape,
                                  transforms=transforms[start:stop])
-        moving = _normalise(moving, grid_mask)
+        moving = unit_median(moving, grid_mask)
         # Only where the moved volume has data: beyond its field of view it reads zeros, which a
         # deformation would otherwise stretch the brain to explain.
         in_view = to_working_grid(torch.ones_like(volumes[:, :1, :, :, :]), affine, grid_affine,
@@ -178,17 +186,15 @@ def field_on_grid(displacement: torch.Tensor, grid_affine, target_shape, target_
 
 
 def deformable_voxel_points(transforms: torch.Tensor, displacement: torch.Tensor,
-                            affine: torch.Tensor, shape) -> torch.Tensor:
-    """Where each reference voxel reads each volume: inv(A) T_t (A x + u_t(A x)).
+                            reference_world: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Where each reference voxel reads each volume: inv(A) T_t (p + u_t(p)), p = A x.
 
     transforms: (B, 4, 4) rigid; displacement: (B, 3, X, Y, Z) world mm on the reference grid
-    (``field_on_grid``); affine: (4, 4) voxel -> world of the reference and of the volumes.
-    Returns (B, N, 3) voxel coordinates into the volumes, N = X * Y * Z in C order.
+    (``field_on_grid``); reference_world: (N, 3) world points p of the reference voxels in C order
+    (``geometry.world_points``), N = X * Y * Z; affine: (4, 4) voxel -> world of the volumes.
+    Returns (B, N, 3) voxel coordinates into the volumes.
     """
     dtype = torch.float64
-    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=dtype, device=affine.device)
-                                         for n in shape], indexing="ij"), dim=-1).reshape(-1, 3)
-    world = index @ affine[:3, :3].T.to(dtype) + affine[:3, 3].to(dtype)
-    moved = world[None] + displacement.to(dtype).flatten(2).transpose(1, 2)
+    moved = reference_world.to(dtype)[None] + displacement.to(dtype).flatten(2).transpose(1, 2)
     maps = torch.linalg.inv(affine.to(dtype)) @ transforms.to(dtype)
     return moved @ maps[:, :3, :3].transpose(1, 2) + maps[:, None, :3, 3]

@@ -41,7 +41,6 @@ Pure torch / numpy / scipy: no nipype, no BIDS.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import List
@@ -49,9 +48,11 @@ from typing import List
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from . import epdiff
-from .keypoints import shape_input, to_working_grid
+from .deform import deformation_grid, reference_on_grid, unit_median
+from .keypoints import shape_input
 from .shape import signed_distance
 
 __all__ = [
@@ -312,21 +313,14 @@ def volume_on_grid(data: np.ndarray, affine, spacing_mm: float = 4.0, margin_mm:
     fill_holes(data > 0.25 max). Returns (volume (1, 1, X', Y', Z') float32 unit median in the
     mask, mask (1, 1, X', Y', Z') bool, spacing (3,) mm).
     """
-    from scipy import ndimage
-
-    from .deform import deformation_grid  # deform imports nothing from here
-
     data = np.asarray(data, dtype=np.float32)
     if mask is None:
         mask = ndimage.binary_fill_holes(data > 0.25 * data.max())
     grid_affine, grid_shape = deformation_grid(np.asarray(mask, bool), affine, spacing_mm,
                                                margin_mm)
-    volume = to_working_grid(torch.as_tensor(data)[None, None], affine, grid_affine, grid_shape)
-    mask_t = torch.as_tensor(np.asarray(mask, np.float32))[None, None]
-    grid_mask = to_working_grid(mask_t, affine, grid_affine, grid_shape, antialias=False) > 0.5
-    scale = volume[grid_mask].median().clamp_min(1e-6)
+    volume, grid_mask = reference_on_grid(data, affine, mask, grid_affine, grid_shape)
     spacing = tuple(float(abs(grid_affine[i, i])) for i in range(3))
-    return volume / scale, grid_mask, spacing
+    return volume, grid_mask[None, None], spacing
 
 
 @dataclass
@@ -358,11 +352,6 @@ def _bias_fields(batch: int, grid_shape, strength: float, generator) -> torch.Te
     coarse = torch.randn((batch, 1, 4, 4, 4), generator=generator) * strength / 2.0
     return torch.exp(F.interpolate(coarse, size=tuple(grid_shape), mode="trilinear",
                                    align_corners=True))
-
-
-def _renormalise(volumes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    inside = volumes.flatten(1)[:, mask.flatten()]
-    return volumes / inside.median(dim=1).values.clamp_min(1e-6).view(-1, 1, 1, 1, 1)
 
 
 def synthetic_pairs(template: torch.Tensor, mask: torch.Tensor, spacing, batch: int,
@@ -415,7 +404,7 @@ def synthetic_pairs(template: torch.Tensor, mask: torch.Tensor, spacing, batch: 
             volume = torch.where(invert, (2.0 - volume).clamp_min(0.0) * head, volume)
             volume = volume * shading
             volume = volume + noise * torch.randn(volume.shape, generator=generator)
-            augmented.append(_renormalise(volume, mask))
+            augmented.append(unit_median(volume, mask))
         moving, fixed = augmented
     return Pairs(moving=moving.contiguous(), fixed=fixed.contiguous(),
                  moving_shape=moving_shape.contiguous(), fixed_shape=fixed_shape,

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .deform import deformable_voxel_points, field_on_grid
-from .geometry import centroids, voxel_sizes
+from .geometry import centroids, voxel_sizes, world_points
 from .heap import retained_heap
 from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
@@ -256,6 +256,7 @@ def apply_head_motion(
     out = np.empty(series.shape, dtype=np.float32)
     if fields is not None:
         chunk_size = min(chunk_size, 16)  # one (B, N, 3) float64 point array per chunk
+        reference_world = torch.as_tensor(world_points(series.shape[:3], affine), device=device)
     for start in range(0, series.shape[-1], chunk_size):
         stop = min(start + chunk_size, series.shape[-1])
         volumes = _as_batch(series, start, stop).to(device)
@@ -266,8 +267,8 @@ def apply_head_motion(
         else:
             displacement = field_on_grid(torch.as_tensor(fields[start:stop], device=device),
                                          field_affine, series.shape[:3], affine_t)
-            points = deformable_voxel_points(transforms_t, displacement, affine_t,
-                                             series.shape[:3])
+            points = deformable_voxel_points(transforms_t, displacement, reference_world,
+                                             affine_t)
             values, _ = sample_points(volumes, points)
             moved = values.view(volumes.shape)
         out[..., start:stop] = np.moveaxis(moved[:, 0].cpu().numpy(), 0, -1)
