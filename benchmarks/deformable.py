@@ -12,8 +12,13 @@ Methods:
 
 - ``rigid``: the app's rigid step (``hmc.estimate_head_motion`` with the packaged network and
   test-time refinement), then one resampling.
-- ``rigid+deformable``: the same rigid transforms, then ``deform.estimate_deformation``
-  (band-limited EPDiff, test-time optimisation) and one composed resampling, as ``--deformable``.
+- ``rigid+optimised``: the same rigid transforms, then ``deform.estimate_deformation``
+  (band-limited EPDiff, test-time optimisation from zero) and one composed resampling, as
+  ``--deformable``.
+- ``rigid+predicted``: the packaged velocity predictor's estimate alone (no optimisation), from
+  the volumes and their classical brain masks (``segment.brain_mask``), as the app gives it.
+- ``rigid+predicted+optimised``: the optimisation started from the prediction, as
+  ``--deformable --deform-predictor``.
 
 Scores inside the reference mask, mean over the moved volumes: the displacement error (mm)
 between where the method reads each reference point and where its anatomy truly is (T_t(phi_t(p))
@@ -29,6 +34,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -43,10 +49,11 @@ from _common import DEFAULT_DATA, command_line, machine_line, markdown_table, wa
 
 from unimo_bids.unimo import epdiff  # noqa: E402
 from unimo_bids.unimo.deform import SIGMA, estimate_deformation, field_on_grid  # noqa: E402
+from unimo_bids.unimo.deform_net import load_predictor, predict_from_masks  # noqa: E402
 from unimo_bids.unimo.geometry import grid_center, rigid_matrix, voxel_sizes  # noqa: E402
 from unimo_bids.unimo.hmc import apply_head_motion, estimate_head_motion  # noqa: E402
 from unimo_bids.unimo.network import load_network  # noqa: E402
-from unimo_bids.unimo.segment import reference_mask  # noqa: E402
+from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
 
 SECTION = "## 11. Deformable correction (`deformable.py`)"
 CASES = {
@@ -68,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=epdiff.DEFAULT_ITERATIONS)
     parser.add_argument("--sigma", type=float, default=SIGMA,
                         help="weight of the regulariser")
+    parser.add_argument("--predictor", type=Path, default=None,
+                        help="velocity predictor (default: the packaged one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", type=Path, help="markdown file to update (section 11)")
@@ -134,6 +143,31 @@ def image_scores(corrected, reference, mask):
     return rmse, float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
+def score(case, method, series, affine, reference, mask, true_rigid, true_fields, transforms,
+          deformation, seconds):
+    """One table row: errors and image scores over the moved volumes (1..n)."""
+    index, points = reference_points(mask, affine)
+    if deformation is None:
+        fields = None
+        image = apply_head_motion(series, affine, transforms)
+    else:
+        fields = field_on_grid(torch.as_tensor(deformation.displacement),
+                               deformation.grid_affine, reference.shape, affine).numpy()
+        image = apply_head_motion(series, affine, transforms, fields=deformation.displacement,
+                                  field_affine=deformation.grid_affine)
+    errors, rmses, nccs = [], [], []
+    for t in range(1, series.shape[-1]):
+        errors.append(map_error(points, index, true_rigid[t], true_fields[t], transforms[t],
+                                None if fields is None else fields[t]))
+        rmse, ncc = image_scores(image[..., t], reference, mask)
+        rmses.append(rmse)
+        nccs.append(ncc)
+    errors = np.array(errors)
+    jacobian = "1" if deformation is None else f"{deformation.min_jacobian[1:].min():.2f}"
+    return [case, method, f"{errors[:, 0].mean():.2f} / {errors[:, 1].max():.2f}",
+            f"{np.mean(rmses):.2f}", f"{np.mean(nccs):.4f}", jacobian, seconds]
+
+
 def evaluate(case, args, network):
     reference, affine, mask = load_reference(args.data, case)
     rng = np.random.default_rng(args.seed)
@@ -141,39 +175,26 @@ def evaluate(case, args, network):
     series, true_rigid, true_fields = simulate(reference, affine, args.volumes, args.max_mm, rng,
                                                generator)
     n = series.shape[-1]
-    index, points = reference_points(mask, affine)
 
     start = time.perf_counter()
     motion = estimate_head_motion(series, affine, reference, mask, network=network)
     rigid_seconds = (time.perf_counter() - start) / n
-    start = time.perf_counter()
-    deformation = estimate_deformation(series, affine, reference, mask, motion.transforms,
-                                       iterations=args.iterations, sigma=args.sigma)
-    deform_seconds = (time.perf_counter() - start) / n
-    fields = field_on_grid(torch.as_tensor(deformation.displacement), deformation.grid_affine,
-                           reference.shape, affine).numpy()
-    corrected = {
-        "rigid": apply_head_motion(series, affine, motion.transforms),
-        "rigid+deformable": apply_head_motion(series, affine, motion.transforms,
-                                              fields=deformation.displacement,
-                                              field_affine=deformation.grid_affine),
-    }
-    rows = []
-    for method, image in corrected.items():
-        errors, rmses, nccs = [], [], []
-        for t in range(1, n):
-            errors.append(map_error(points, index, true_rigid[t], true_fields[t],
-                                    motion.transforms[t],
-                                    fields[t] if method != "rigid" else None))
-            rmse, ncc = image_scores(image[..., t], reference, mask)
-            rmses.append(rmse)
-            nccs.append(ncc)
-        errors = np.array(errors)
-        jacobian = (f"{deformation.min_jacobian[1:].min():.2f}" if method != "rigid" else "1")
-        seconds = (f"{rigid_seconds:.2f}" if method == "rigid"
-                   else f"{rigid_seconds:.2f} + {deform_seconds:.2f}")
-        rows.append([case, method, f"{errors[:, 0].mean():.2f} / {errors[:, 1].max():.2f}",
-                     f"{np.mean(rmses):.2f}", f"{np.mean(nccs):.4f}", jacobian, seconds])
+    masks = np.moveaxis(brain_mask(np.moveaxis(series, -1, 0), tuple(voxel_sizes(affine))), 0, -1)
+    predictor = functools.partial(predict_from_masks, load_predictor(args.predictor))
+    runs = {"rigid+optimised": {"iterations": args.iterations},
+            "rigid+predicted": {"iterations": 0, "predictor": predictor, "masks": masks},
+            "rigid+predicted+optimised": {"iterations": args.iterations, "predictor": predictor,
+                                          "masks": masks}}
+    rows = [score(case, "rigid", series, affine, reference, mask, true_rigid, true_fields,
+                  motion.transforms, None, f"{rigid_seconds:.2f}")]
+    for method, options in runs.items():
+        start = time.perf_counter()
+        deformation = estimate_deformation(series, affine, reference, mask, motion.transforms,
+                                           sigma=args.sigma, **options)
+        seconds = (time.perf_counter() - start) / n
+        rows.append(score(case, method, series, affine, reference, mask, true_rigid,
+                          true_fields, motion.transforms, deformation,
+                          f"{rigid_seconds:.2f} + {seconds:.2f}"))
     truth = np.linalg.norm(true_fields[1:], axis=1)[:, mask]
     note = (f"- {case}: {CASES[case][1]}; true deformation {truth.mean():.2f} mm mean, "
             f"{truth.max():.2f} mm largest inside the mask")

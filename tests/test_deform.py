@@ -211,3 +211,46 @@ def test_a_folding_deformation_is_rejected(brain, deformed, monkeypatch):
     assert result.rejected.all() and np.all(result.min_jacobian <= 0)
     assert np.all(result.displacement == 0) and np.all(result.velocity == 0)
     assert np.allclose(result.ncc_deformed, result.ncc_rigid)
+
+
+def test_a_predictor_starts_the_optimisation_on_the_half_resolution_grid(brain, deformed):
+    """The predictor hook sees the half-resolution grid (same field of view, twice the spacing)
+    with each volume's mask moved by its rigid transform; its coefficients are used as they are
+    with iterations=0, and as the optimiser's start otherwise."""
+    volume, affine, mask = brain
+    grid_affine, grid_shape = deformation_grid(mask, affine)
+    assert all(n % 2 == 0 for n in grid_shape)
+    spacing = tuple(voxel_sizes(grid_affine))
+    known = epdiff.random_velocity(2, grid_shape, spacing, 2.0,
+                                   generator=torch.Generator().manual_seed(9))
+    seen = {}
+
+    def predictor(moving, fixed, moving_mask, fixed_mask, half_spacing):
+        seen.update(moving=moving, fixed=fixed, moving_mask=moving_mask, fixed_mask=fixed_mask,
+                    spacing=half_spacing)
+        return known[:moving.shape[0]]
+
+    series, rigid = deformed["series"][..., :2], deformed["rigid"][:2]
+    # Volume 1's own mask: the reference mask carried to where its anatomy is.
+    masks = np.stack([mask, apply_head_motion(mask[..., None].astype(np.float32), affine,
+                                              np.linalg.inv(rigid[1])[None])[..., 0] > 0.5], -1)
+    alone = estimate_deformation(series, affine, volume, mask, rigid, iterations=0,
+                                 predictor=predictor, masks=masks)
+    assert seen["moving"].shape == (2, 1, *(n // 2 for n in grid_shape))
+    assert seen["fixed"].shape == seen["fixed_mask"].shape == (1, 1, *(n // 2 for n in grid_shape))
+    assert seen["moving_mask"].dtype == torch.bool
+    assert np.allclose(seen["spacing"], 2 * np.array(spacing))
+    # Aligned by its rigid transform, each volume's mask agrees with the reference mask.
+    for t in range(2):
+        overlap = (seen["moving_mask"][t] & seen["fixed_mask"][0]).sum()
+        union = (seen["moving_mask"][t] | seen["fixed_mask"][0]).sum()
+        assert float(overlap) / float(union) > 0.9
+    assert torch.allclose(torch.as_tensor(alone.velocity), epdiff.project_real(known), atol=1e-6)
+    expected = epdiff.shoot(known, grid_shape, spacing).numpy()
+    assert np.abs(alone.displacement - expected).max() < 1e-4
+    # From the prediction, the optimiser moves on; from zero with no steps nothing happens.
+    refined = estimate_deformation(series, affine, volume, mask, rigid, iterations=3,
+                                   predictor=predictor, masks=masks)
+    assert not np.allclose(refined.velocity, alone.velocity)
+    nothing = estimate_deformation(series, affine, volume, mask, rigid, iterations=0)
+    assert np.all(nothing.displacement == 0)

@@ -194,6 +194,20 @@ def test_device_cuda_is_refused_without_a_gpu(dataset, capsys):
     assert code == 2 and "cuda:1" in capsys.readouterr().err
 
 
+def test_bad_deform_weights_are_refused_before_any_work(dataset, tmp_path, capsys):
+    broken = tmp_path / "broken_velocity.pt"
+    broken.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    code = _run(dataset, "out_bad_velocity", "--deformable", "--deform-weights", str(broken))
+    err = capsys.readouterr().err
+    assert code == 2 and "--deform-weights" in err and "broken_velocity.pt" in err
+    assert not (dataset["root"] / "out_bad_velocity").exists()
+    code = _run(dataset, "out_bad_velocity", "--deform-weights", str(broken))
+    assert code == 2 and "needs --deformable" in capsys.readouterr().err
+    code = _run(dataset, "out_bad_velocity", "--deform-predictor")
+    assert code == 2 and "--deform-predictor needs --deformable" in capsys.readouterr().err
+
+
 def test_hmc_ref_first_uses_volume_0(dataset, base):
     assert base["code"] == 0
     assert _raw_volume_matches(dataset, _output(base["out"], "desc-hmc_boldref.nii.gz")) == [0]
@@ -303,10 +317,11 @@ def test_version_prints_the_version(capsys):
 
 
 def test_deformable_adds_fields_composes_them_and_says_so(dataset, base):
-    """--deformable: the displacement series is written (5D, world mm, on its own grid), the
+    """--deformable (here started from the packaged velocity predictor, which reads each
+    volume's mask): the displacement series is written (5D, world mm, on its own grid), the
     confounds gain the deformation diagnostics, the corrected series changes (one composed
     resampling), and the methods and report say so."""
-    assert _run(dataset, "out_deform", *BASE, "--deformable") == 0
+    assert _run(dataset, "out_deform", *BASE, "--deformable", "--deform-predictor") == 0
     out = dataset["root"] / "out_deform"
     fields = nb.load(_output(out, "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz"))
     assert fields.ndim == 5 and fields.shape[3:] == (len(POSES), 3)
@@ -322,8 +337,9 @@ def test_deformable_adds_fields_composes_them_and_says_so(dataset, base):
     rigid = nb.load(_output(base["out"], "desc-preproc_bold.nii.gz")).get_fdata()
     deformed = nb.load(_output(out, "desc-preproc_bold.nii.gz")).get_fdata()
     assert rigid.shape == deformed.shape and not np.allclose(rigid, deformed)
-    assert "EPDiff" in (out / "logs" / "CITATION.md").read_text()
-    assert "EPDiff deformation" in (out / "sub-01.html").read_text()
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "EPDiff" in citation and "predicted by a U-Net" in citation
+    assert "EPDiff deformation (predicted, then optimised)" in (out / "sub-01.html").read_text()
     assert not _output(base["out"], "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz"
                        ).exists()
 

@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "band-limited EPDiff shooting (test-time optimised), composed with "
                             "the rigid transform into one resampling; writes the displacement "
                             "fields")
+    g_hmc.add_argument("--deform-predictor", action="store_true",
+                       help="with --deformable: start each volume's optimisation from the "
+                            "packaged U-Net's predicted velocity instead of zero (on the "
+                            "benchmark it ends at the same accuracy, at more cost; see "
+                            "docs/benchmarks.md)")
+    g_hmc.add_argument("--deform-weights", type=Path, default=None, metavar="PATH",
+                       help="with --deformable: start from this velocity predictor's estimate "
+                            "(from unimo-bids-train --model deformable); implies "
+                            "--deform-predictor")
     g_hmc.add_argument("--dummy-scans", type=_int_at_least(0), default=None, metavar="N",
                        help="leading non-steady-state volumes (default: detected)")
     g_hmc.add_argument("--random-seed", type=int, default=None, metavar="SEED",

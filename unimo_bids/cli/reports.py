@@ -28,8 +28,10 @@ def build_reports(args, output_dir: Path, bids_dir: Path, errors: dict[str, list
         "Random seed": "not set" if args.random_seed is None else str(args.random_seed),
         "Head-motion reference": args.hmc_ref or "auto (first where a reference mask is given)",
         "Masks": masks_summary(args),
-        "Motion model": ("rigid, then band-limited EPDiff deformation" if args.deformable
-                         else "rigid") + ("" if args.refine else " (network alone)"),
+        "Motion model": ("rigid, then band-limited EPDiff deformation" + (
+            " (predicted, then optimised)" if args.deform_predictor or args.deform_weights
+            else " (optimised from zero)") if args.deformable
+            else "rigid") + ("" if args.refine else " (network alone)"),
         "Versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
     }
     for subject in subjects:

@@ -50,6 +50,24 @@ def check_weights(path, device: str) -> None:
         raise UsageError(f"--weights: {err}" if path is not None else str(err)) from err
 
 
+def check_deform_weights(args) -> None:
+    """Refuse, before any work, a --deform-weights file that is not a velocity predictor, and
+    --deform-predictor or --deform-weights without --deformable (and check that the packaged
+    predictor is installed when it is asked for)."""
+    for option, given in (("--deform-weights", args.deform_weights is not None),
+                          ("--deform-predictor", args.deform_predictor)):
+        if given and not args.deformable:
+            raise UsageError(f"{option} needs --deformable")
+    if not args.deformable or not (args.deform_predictor or args.deform_weights):
+        return
+    from ..unimo.deform_net import load_predictor
+
+    try:
+        load_predictor(args.deform_weights, "cpu")
+    except ValueError as err:
+        raise UsageError(f"--deform-weights: {err}" if args.deform_weights else str(err)) from err
+
+
 def check_seg_model(path) -> None:
     """Refuse, before any work, a --seg-model file that is not a unimo-bids segmenter."""
     if path is None:
@@ -257,6 +275,7 @@ def run_participant(args) -> int:
     device = resolve_device(args.device)
     check_weights(args.weights, device)
     check_seg_model(args.seg_model)
+    check_deform_weights(args)
     if args.moving_anatomy and not args.refine:
         raise UsageError("--no-refine cannot be combined with --moving-anatomy (tracking "
                          "refines by construction)")
@@ -288,6 +307,8 @@ def run_participant(args) -> int:
         omp_nthreads=omp_nthreads, seed=args.random_seed,
         weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine,
         moving_anatomy=args.moving_anatomy, deformable=args.deformable,
+        deform_weights=str(args.deform_weights.resolve()) if args.deform_weights else None,
+        deform_predictor=bool(args.deform_predictor or args.deform_weights),
         seg_model=str(args.seg_model.resolve()) if args.seg_model else None,
         template=template, template_home=template_home)
     workflow = init_unimo_bids_wf(runs, options)

@@ -51,6 +51,10 @@ def model_card(summary: dict, checkpoint: str) -> str:
         previous = previous.get("continued_from")
     history = ("\nstarting from the checkpoint made by (most recent first):\n\n"
                + "\n".join(chain) + "\n") if chain else ""
+    images = summary.get("images") or []
+    scans = ("No scan from any dataset was used, so nothing here is tuned to a benchmark's "
+             "images." if not images else
+             f"Scans used (as intensity classes, never their own contrast): {', '.join(images)}.")
     return f"""# UniMo rigid network: `{Path(checkpoint).name}`
 
 Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
@@ -65,9 +69,10 @@ map of the brain mask, each solved by weighted Kabsch; fused by SLERP with the l
 lambda = {summary["lambda"]:.3f} (0 = image branch, 1 = shape branch).
 - **Data:** {summary["anatomy"]}. Every sample is a new contrast (random tissue intensities, \
 gamma, bias field, noise, with or without the head around the brain), moved by a random rigid \
-transform (half uniform on SO(3), half up to 60 degrees; up to 20 mm), a third cut by a static \
-field-of-view plane (the image only); shape maps from masks thresholded at random levels. No scan from any \
-dataset was used, so nothing here is tuned to a benchmark's images.
+transform (half uniform on SO(3), half up to 60 degrees; up to \
+{summary.get('max_translation_mm', 20.0):g} mm), a third cut by a static \
+field-of-view plane (the image only); shape maps from masks thresholded at random levels. \
+{scans}
 - **Training:** {summary["steps"]} Adam steps of {summary["batch"]} pairs (learning rate \
 {summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes. \
 Loss: log(1 + mean displacement error over brain points, mm) of each branch and of the fusion.
@@ -83,9 +88,96 @@ stands alone with `--no-refine`. Measured accuracy on real volumes: docs/benchma
 """
 
 
+def velocity_card(record, args, net, checkpoint: str, command: str, seconds: float) -> str:
+    """Markdown model card for a velocity predictor from its training record."""
+    from ..unimo.deform_net import FORMAT
+    from ..unimo.epdiff import DEFAULT_BAND
+
+    validated = "\n".join(f"| {step} | {error:.3f} |" for step, error in record.errors_mm)
+    return f"""# UniMo deformable predictor: `{Path(checkpoint).name}`
+
+Made with unimo-bids {__version__} on {datetime.date.today().isoformat()} ({args.device}, \
+torch {torch.__version__}) by:
+
+    {command}
+
+- **Architecture:** `unimo.deform_net.VelocityUNet` (format `{FORMAT}`), widths \
+{tuple(net.widths)}, {sum(p.numel() for p in net.parameters()):,} parameters. Input: the rigidly \
+aligned volume and the reference (unit median in the brain), their demons force channels, and \
+the signed distance maps of their brain masks, on a {args.grid_mm:g} mm grid. Output: the \
+band-limited ({DEFAULT_BAND}^3) EPDiff initial velocity that starts the test-time optimisation.
+- **Data:** nilearn's MNI152 2009 T1 template (2 mm, shipped with nilearn), on a {args.grid_mm:g} mm \
+grid. Each pair: a random band-limited diffeomorphism (largest displacement \
+{args.max_displacement[0]:g}-{args.max_displacement[1]:g} mm), gamma, contrast inversion (20 %), \
+a smooth bias field and noise; the moving mask is the deformed mask thresholded at a random \
+level. No scan from any dataset was used.
+- **Training:** {len(record.losses)} Adam steps of {args.batch} pairs (learning rate \
+{args.learning_rate}, seed {args.seed}), {seconds / 60:.1f} minutes; the first \
+{record.supervised_steps} steps on the known velocity (mean squared error within 12 mm of the \
+brain), the rest on the image + shape + regulariser loss.
+- **Validation:** {VALIDATION_PAIRS} held-out synthetic pairs (another seed); mean \
+displacement error in the brain (mm). The identity (no correction) scores \
+{record.zero_error_mm:.3f} mm.
+
+| step | error mm |
+|---|---|
+{validated}
+
+Use: `unimo-bids --deformable --deform-predictor` (or `--deform-weights` this file) starts each \
+volume's optimisation from this prediction (made on the half-resolution working grid). Limits: trained on one T1-weighted template with synthetic \
+deformations of a few mm; measured on real volumes in docs/benchmarks.md.
+"""
+
+
+VALIDATION_PAIRS = 8
+
+
+def train_deformable(args, command: str) -> int:
+    """``--model deformable``: train the velocity predictor and write it with its model card."""
+    from nilearn import datasets
+
+    from ..unimo import deform_net
+
+    template = datasets.load_mni152_template(resolution=2)
+    volume, mask, spacing = deform_net.volume_on_grid(
+        np.asarray(template.dataobj, dtype=np.float32), template.affine,
+        spacing_mm=args.grid_mm)
+    net = (deform_net.load_predictor(args.init) if args.init
+           else deform_net.VelocityUNet()).train()
+    started = datetime.datetime.now()
+
+    def log(step, values):
+        if step % 25 == 0:
+            elapsed = (datetime.datetime.now() - started).total_seconds()
+            print(f"step {step}  loss {values['loss']:.4f}  "
+                  f"{'supervised' if values['supervised'] else 'image+shape'}  "
+                  f"{elapsed / 60:.1f} min", flush=True)
+
+    record = deform_net.train_velocity_predictor(
+        net, volume, mask, spacing, minutes=args.minutes, batch=args.batch,
+        learning_rate=args.learning_rate, warmup=args.warmup,
+        max_displacement_mm=tuple(args.max_displacement), validation_size=VALIDATION_PAIRS,
+        validate_every=args.validate_every, seed=args.seed, log=log)
+    seconds = (datetime.datetime.now() - started).total_seconds()
+    print(f"held-out error: identity {record.zero_error_mm:.3f} mm, "
+          f"untrained {record.errors_mm[0][1]:.3f} mm, trained {record.final_error_mm:.3f} mm")
+    tmp = args.output + ".part"
+    deform_net.save_predictor(net, tmp, {"command": command, "steps": len(record.losses),
+                                         "errors_mm": record.errors_mm,
+                                         "zero_error_mm": record.zero_error_mm})
+    os.replace(tmp, args.output)
+    card = Path(args.output).with_suffix(".md")
+    card.write_text(velocity_card(record, args, net, args.output, command, seconds))
+    print(f"wrote {args.output} and its model card {card}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimo-bids-train", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="checkpoint to write (.pt)")
+    parser.add_argument("--model", choices=("rigid", "deformable"), default="rigid",
+                        help="rigid: the keypoint network; deformable: the velocity predictor "
+                             "of --deformable (default: rigid)")
     parser.add_argument("--preset", choices=("cpu", "cuda"), default="cpu",
                         help="working grid and network size (default: cpu)")
     parser.add_argument("--device", default="cpu", help="torch device to train on")
@@ -95,8 +187,80 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keypoints", type=int, default=16, help="keypoints per branch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="start from this checkpoint instead of random weights")
+    parser.add_argument("--resume", help="continue this checkpoint's run (weights and optimizer "
+                                         "state); it may be the output itself")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                        help="write the output every N minutes while training, so that an "
+                             "interrupted run can --resume (0: only at the end; default 10)")
+    parser.add_argument("--images", nargs="+", metavar="PATH",
+                        help="rigid model: also train on these NIfTI images or folders of them "
+                             "(4D: their mean); each becomes intensity classes of random "
+                             "contrast")
+    parser.add_argument("--bids-dir", type=Path, metavar="DIR",
+                        help="rigid model: also train on the BOLD series of this BIDS dataset")
+    parser.add_argument("--no-template", action="store_true",
+                        help="rigid model: leave out nilearn's MNI152 template")
+    parser.add_argument("--max-translation", type=float, default=30.0, metavar="MM",
+                        help="rigid model: translations up to this many mm per axis (default 30)")
     parser.add_argument("--nthreads", type=int, default=0, help="torch CPU threads (0: all)")
+    deformable = parser.add_argument_group("deformable predictor (--model deformable)")
+    deformable.add_argument("--grid-mm", type=float, default=6.0,
+                            help="training grid spacing: twice the working grid's (default 6)")
+    deformable.add_argument("--warmup", type=float, default=0.5,
+                            help="share of the time trained on the known velocity (default 0.5)")
+    deformable.add_argument("--max-displacement", type=float, nargs=2, default=(1.0, 6.0),
+                            metavar=("LOW", "HIGH"),
+                            help="largest displacement of each pair, drawn in [LOW, HIGH] mm")
+    deformable.add_argument("--validate-every", type=int, default=100,
+                            help="held-out validation every N steps (default 100)")
     return parser
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def training_images(paths, bids_dir) -> list[Path]:
+    """NIfTI files named by --images (files, or folders searched recursively) and the BOLD
+    series of a --bids-dir dataset (pybids, no validation), sorted."""
+    found = []
+    for path in paths or []:
+        path = Path(path)
+        if path.is_dir():
+            found += [p for p in path.rglob("*") if p.name.endswith(NIFTI_SUFFIXES)]
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    if bids_dir is not None:
+        from bids import BIDSLayout
+
+        layout = BIDSLayout(str(bids_dir), validate=False)
+        bold = layout.get(suffix="bold", extension=[".nii", ".nii.gz"], return_type="file")
+        if not bold:
+            raise ValueError(f"{bids_dir}: no BOLD series in this BIDS dataset")
+        found += [Path(p) for p in bold]
+    return sorted(set(found))
+
+
+def image_anatomy(path: Path):
+    """Tissue maps of one image (its temporal mean when 4D) and its classical brain mask."""
+    import nibabel as nb
+
+    from ..unimo.geometry import voxel_sizes
+    from ..unimo.segment import reference_mask
+    from ..unimo.training import anatomy_from_image
+
+    try:
+        img = nb.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many kinds for a broken file
+        raise ValueError(f"{path}: cannot be read as NIfTI ({type(err).__name__})") from None
+    if data.ndim == 4:
+        data = data.mean(axis=-1)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D or 4D image, got {data.ndim}D")
+    mask = reference_mask(data, tuple(voxel_sizes(img.affine)))
+    return anatomy_from_image(data, img.affine, mask)
 
 
 def main(argv=None) -> int:
@@ -107,26 +271,60 @@ def main(argv=None) -> int:
     if args.nthreads > 0:
         torch.set_num_threads(args.nthreads)
     torch.manual_seed(args.seed)
-    if os.path.abspath(args.output) == os.path.abspath(args.init or ""):
+    start_from = args.resume or args.init
+    if os.path.abspath(args.output) == os.path.abspath(start_from or "") and not args.resume:
         print("unimo-bids-train: error: output would overwrite --init", file=sys.stderr)
         return 2
-    net = (load_network(args.init) if args.init
-           else UniMoRigidNet(args.preset, args.keypoints)).to(args.device)
-    anatomy = mni_anatomy()
-    summary = train(net, anatomy, args.minutes, batch=args.batch,
-                    learning_rate=args.learning_rate, seed=args.seed)
-    summary.update({
-        "command": "unimo-bids-train " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "unimo_bids_version": __version__, "torch_version": str(torch.__version__),
-        "date": datetime.date.today().isoformat(), "device": str(args.device),
-        "anatomy": "nilearn MNI152 2009 template + GM/WM maps, 2 mm, random contrasts"})
-    if args.init:  # keep the whole chain: the card must say how the weights were made
-        summary["continued_from"] = getattr(net, "training_info", {})
-    summary.update({"preset": net.preset, "keypoints": net.num_keypoints,
-                    "parameters": sum(p.numel() for p in net.parameters())})
-    tmp = args.output + ".part"
-    save_network(net.cpu(), tmp, summary)
-    os.replace(tmp, args.output)
+    command = "unimo-bids-train " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.model == "deformable":
+        return train_deformable(args, command)
+    try:
+        net = (load_network(start_from) if start_from
+               else UniMoRigidNet(args.preset, args.keypoints)).to(args.device)
+        images = training_images(args.images, args.bids_dir)
+        anatomies = ([] if args.no_template else [mni_anatomy()])
+        anatomies += [image_anatomy(path) for path in images]
+    except ValueError as err:
+        print(f"unimo-bids-train: error: {err}", file=sys.stderr)
+        return 2
+    if not anatomies:
+        print("unimo-bids-train: error: --no-template needs --images or --bids-dir",
+              file=sys.stderr)
+        return 2
+    optimizer_state = None
+    if args.resume:
+        optimizer_state = torch.load(args.resume, map_location="cpu",
+                                     weights_only=True).get("optimizer_state")
+    described = (["nilearn MNI152 2009 template + GM/WM maps, 2 mm"] if not args.no_template
+                 else []) + [f"{p.name} (intensity classes)" for p in images]
+    anatomy_text = "; ".join(described) + "; random contrasts"
+
+    def finish(summary: dict) -> dict:
+        summary = dict(summary)
+        optimizer = summary.pop("optimizer_state", None)
+        summary.update({
+            "command": command, "unimo_bids_version": __version__,
+            "torch_version": str(torch.__version__), "date": datetime.date.today().isoformat(),
+            "device": str(args.device), "anatomy": anatomy_text,
+            "images": [str(p) for p in images],
+            "preset": net.preset, "keypoints": net.num_keypoints,
+            "parameters": sum(p.numel() for p in net.parameters())})
+        if start_from:  # keep the whole chain: the card must say how the weights were made
+            summary["continued_from"] = getattr(net, "training_info", {})
+        tmp = args.output + ".part"
+        save_network(net, tmp, summary, optimizer_state=optimizer)
+        os.replace(tmp, args.output)
+        return summary
+
+    def checkpoint(summary: dict) -> None:
+        finish(summary)
+        print(f"checkpoint: {args.output} after {summary['steps']} steps", flush=True)
+
+    summary = train(net, anatomies, args.minutes, batch=args.batch,
+                    learning_rate=args.learning_rate, seed=args.seed,
+                    max_translation_mm=args.max_translation, optimizer_state=optimizer_state,
+                    checkpoint=checkpoint, checkpoint_minutes=args.checkpoint_minutes)
+    summary = finish(summary)
     card = Path(args.output).with_suffix(".md")
     card.write_text(model_card(summary, args.output))
     print(f"wrote {args.output} and its model card {card}")

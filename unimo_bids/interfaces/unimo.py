@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -19,6 +20,7 @@ from nipype.interfaces.base import (
 from nitransforms.linear import LinearTransformsMapping
 
 from ..unimo.deform import estimate_deformation
+from ..unimo.deform_net import load_predictor, predict_from_masks
 from ..unimo.geometry import grid_center, mean_displacement, motion_parameters, world_points
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
 from ..unimo.network import load_network
@@ -309,8 +311,15 @@ class _UniMoDeformInputSpec(BaseInterfaceInputSpec):
     in_transforms = File(exists=True, mandatory=True, desc="(T, 4, 4) .npy rigid transforms")
     in_diagnostics = File(exists=True, desc="the rigid step's diagnostics (.tsv), extended")
     in_diagnostics_meta = File(exists=True, desc="their descriptions (.json), extended")
-    iterations = traits.Int(0, usedefault=True,
-                            desc="test-time optimisation steps; 0: the engine's default")
+    in_masks = File(exists=True, desc="4D brain masks of the volumes (the predictor's moving "
+                                      "shapes); the reference mask moved rigidly when absent")
+    iterations = traits.Int(-1, usedefault=True,
+                            desc="test-time optimisation steps; -1: the engine's default; 0: "
+                                 "the predictor's estimate alone")
+    predictor = traits.Either(None, File(exists=True), default=None, usedefault=True,
+                              desc="velocity predictor; None: the packaged one")
+    use_predictor = traits.Bool(False, usedefault=True,
+                                desc="start the optimisation from the predictor (else from 0)")
     device = traits.Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     seed = traits.Either(None, traits.Int, default=None, usedefault=True)
@@ -331,7 +340,12 @@ class UniMoDeform(SimpleInterface):
 
     def _run_interface(self, runtime):
         img, series, reference, mask = _series_inputs(self.inputs)
-        options = {"iterations": self.inputs.iterations} if self.inputs.iterations > 0 else {}
+        options = {"iterations": self.inputs.iterations} if self.inputs.iterations >= 0 else {}
+        if self.inputs.use_predictor:
+            net = load_predictor(self.inputs.predictor, self.inputs.device)
+            options["predictor"] = functools.partial(predict_from_masks, net)
+            if self.inputs.in_masks:
+                options["masks"] = np.asarray(nb.load(self.inputs.in_masks).dataobj) > 0
         deformation = estimate_deformation(series, img.affine, reference, mask,
                                            np.load(self.inputs.in_transforms),
                                            device=self.inputs.device, **options)

@@ -66,14 +66,17 @@ def deformation_grid(mask: np.ndarray, affine, spacing_mm: float = GRID_SPACING_
                      margin_mm: float = GRID_MARGIN_MM, max_size: int = GRID_MAX_SIZE):
     """RAS-aligned isotropic grid over the world bounding box of ``mask`` plus a margin.
 
-    Returns (grid_affine (4, 4), grid_shape (3,) ints). The spacing grows when a side would
+    Returns (grid_affine (4, 4), grid_shape (3,) even ints). The spacing grows when a side would
     exceed ``max_size`` voxels (very large fields of view).
     """
     points = world_points(mask.shape, affine, mask if mask.any() else None)
     low = points.min(axis=0) - margin_mm
     high = points.max(axis=0) + margin_mm
     spacing = max(float(spacing_mm), float((high - low).max()) / (max_size - 1))
-    shape = tuple(int(np.ceil((hi - lo) / spacing)) + 1 for lo, hi in zip(low, high))
+    # Even sides: the predictor's half-resolution grid (every other point) then spans the same
+    # field of view, so that its Fourier coefficients are this grid's.
+    shape = tuple(2 * int(np.ceil((int(np.ceil((hi - lo) / spacing)) + 1) / 2))
+                  for lo, hi in zip(low, high))
     grid_affine = np.diag([spacing, spacing, spacing, 1.0])
     grid_affine[:3, 3] = (low + high) / 2.0 - spacing * (np.array(shape) - 1) / 2.0
     return grid_affine, shape
@@ -111,7 +114,8 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
                          reference_mask: np.ndarray, transforms: np.ndarray,
                          device: str = "cpu", chunk_size: int = 16,
                          iterations: int = epdiff.DEFAULT_ITERATIONS,
-                         sigma: float = SIGMA, progress=None) -> Deformation:
+                         sigma: float = SIGMA, progress=None, predictor=None,
+                         masks: np.ndarray | None = None) -> Deformation:
     """Estimate each volume's deformation after its rigid transform (test-time optimisation).
 
     series: (X, Y, Z, T); reference, reference_mask: (X, Y, Z) on the same grid; transforms:
@@ -119,11 +123,24 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
     ``chunk_size``, each chunk optimised as one batch; ``iterations`` and ``sigma`` (the weight of
     the regulariser) go to ``epdiff.optimise_velocity``. ``progress(done, total)`` is called after
     each chunk when given.
+    predictor: None (the optimisation starts from zero) or a callable (moving (B, 1, ...), fixed
+    (1, 1, ...), moving_mask (B, 1, ...) bool, fixed_mask (1, 1, ...) bool, spacing) -> (B, 3,
+    n1, n2, n3) initial velocities (e.g. ``deform_net.predict_from_masks`` with a trained net),
+    run on the half-resolution grid (every other point, same field of view); ``iterations`` = 0
+    then keeps the prediction as it is. masks: (X, Y, Z, T) brain masks of the volumes (the
+    predictor's moving shapes); None: the reference mask carried by each rigid transform.
     """
     grid_affine, grid_shape = deformation_grid(reference_mask.astype(bool), affine)
     spacing = tuple(voxel_sizes(grid_affine))
     fixed, grid_mask = reference_on_grid(reference, affine, reference_mask, grid_affine,
                                          grid_shape, device)
+    if predictor is not None:
+        half_affine = grid_affine.copy()
+        half_affine[:3, :3] *= 2.0
+        half_shape = tuple(n // 2 for n in grid_shape)
+        half_spacing = tuple(2.0 * s for s in spacing)
+        half_fixed, half_mask = reference_on_grid(reference, affine, reference_mask, half_affine,
+                                                  half_shape, device)
 
     n_volumes = series.shape[-1]
     fields, velocities = [], []
@@ -141,8 +158,30 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
                                   grid_shape, transforms=transforms[start:stop],
                                   antialias=False) > 0.999
         weight = in_view & grid_mask[None, None]
-        velocity = epdiff.optimise_velocity(moving, fixed, spacing, mask=weight,
-                                            iterations=iterations, sigma=sigma)
+        init = None
+        if predictor is not None:
+            chunk_transforms = transforms[start:stop]
+            half_moving = unit_median(to_working_grid(volumes, affine, half_affine, half_shape,
+                                                      transforms=chunk_transforms), half_mask)
+            if masks is None:  # the reference mask, moved with the volume
+                volume_masks = torch.as_tensor(np.asarray(reference_mask, np.float32),
+                                               device=device)[None, None].expand_as(volumes)
+            else:
+                volume_masks = torch.as_tensor(np.ascontiguousarray(np.moveaxis(
+                    masks[..., start:stop], -1, 0), dtype=np.float32), device=device)[:, None]
+            half_moving_mask = to_working_grid(volume_masks, affine, half_affine, half_shape,
+                                               transforms=chunk_transforms,
+                                               antialias=False) > 0.5
+            init = predictor(half_moving, half_fixed, half_moving_mask, half_mask[None, None],
+                             half_spacing)
+        if iterations > 0:
+            velocity = epdiff.optimise_velocity(moving, fixed, spacing, mask=weight, init=init,
+                                                iterations=iterations, sigma=sigma)
+        elif init is not None:  # the prediction alone
+            velocity = epdiff.project_real(init.to(torch.complex64))
+        else:
+            velocity = torch.zeros((stop - start, 3) + (epdiff.DEFAULT_BAND,) * 3,
+                                   dtype=torch.complex64, device=device)
         with torch.no_grad():
             displacement = epdiff.shoot(velocity, grid_shape, spacing)
             jacobian = epdiff.jacobian_determinant(displacement, spacing).flatten(1).amin(1)

@@ -7,7 +7,13 @@ returns a spatial velocity field (B, 3, X, Y, Z) in mm along the grid axes; :fun
 keeps its lowest Fourier coefficients (``epdiff.band_limit``), so the prediction is an initial
 velocity ``v0_hat`` that ``epdiff.shoot`` turns into a pull-back displacement u (the corrected
 moving volume is ``epdiff.warp(moving, u)``), and that ``epdiff.optimise_velocity(init=...)``
-can refine at test time.
+can refine at test time. Its first layer also reads demons force channels (``_forces``):
+the normalised demons step of each pair and its blurs, a first estimate the net corrects.
+
+Resolution. The net works at twice the working grid's spacing (6 mm for the 3 mm grid): it is
+trained there (``unimo-bids-train --model deformable --grid-mm 6``) and ``deform`` runs it on
+every other point of its grid, which spans the same field of view, so that the predicted
+coefficients are the working grid's (``epdiff``'s coefficients are per field of view).
 
 Shape maps. The shape arguments of this module are signed distance maps of the brain masks, in
 mm (``shape.signed_distance``: negative inside). They are clipped as the keypoint encoder clips
@@ -30,11 +36,15 @@ x)) = fixed(x): c is exactly the velocity the network should predict and u_c the
 should produce (no inversion of a generated field is needed; c plays the role of the -v1 of a
 generating geodesic). Intensities are augmented per pair (gamma, contrast inversion) and per
 volume (smooth bias field, noise), then renormalised to unit median in the mask, as ``deform``
-does with real data. A supervised warm-up on c comes first, then the unsupervised image + shape
-+ regulariser loss.
+does with real data. The shape maps are signed distances of binary masks, as in the
+pipeline: the fixed mask, and the moving one carried by the same map and thresholded at a random
+level. A supervised warm-up on c comes first (:func:`supervised_loss`: within 12 mm of the
+brain, since beyond the head no image shows the field), then the unsupervised image + shape +
+regulariser loss.
 
-Predictors are stored as state_dicts with a JSON-able record of the architecture
-(:func:`save_predictor`, :func:`load_predictor`, format ``FORMAT``).
+Predictors are stored as state_dicts with a JSON-able record of the architecture and the
+SHA-256 of the tensors (:func:`save_predictor`, :func:`load_predictor`, format ``FORMAT``); the
+package ships one (``DEFAULT_PREDICTOR``, with its model card).
 
 Pure torch / numpy / scipy: no nipype, no BIDS.
 """
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -51,11 +62,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from . import epdiff
+from .checkpoint import check_digest, state_digest
 from .deform import deformation_grid, reference_on_grid, unit_median
 from .keypoints import shape_input
+from .resample import gaussian_blur
 from .shape import signed_distance
 
 __all__ = [
+    "DEFAULT_PREDICTOR",
     "FORMAT",
     "SHAPE_CLIP_MM",
     "Pairs",
@@ -64,14 +78,19 @@ __all__ = [
     "deformable_losses",
     "displacement_error",
     "load_predictor",
+    "near_brain",
+    "predict_from_masks",
     "predict_velocity",
     "save_predictor",
     "synthetic_pairs",
+    "supervised_loss",
     "train_velocity_predictor",
     "volume_on_grid",
 ]
 
 FORMAT = "unimo-velocity-unet-1"
+# Packaged predictor, made with ``unimo-bids-train --model deformable`` (its model card beside it).
+DEFAULT_PREDICTOR = Path(__file__).resolve().parent.parent / "data" / "unimo_velocity_cpu.pt"
 # keypoints.shape_input's default: the shape map carries the 20 mm about the brain boundary.
 SHAPE_CLIP_MM = 20.0
 # Loss weights. SIGMA is epdiff's test-time weight of <L v0, v0> against the image MSE (same
@@ -112,19 +131,30 @@ def _central_gradient(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.cat([gx, gy, gz], dim=1)
 
 
-def _forces(x: torch.Tensor) -> torch.Tensor:
-    """Demons-style force channels of (moving, fixed) channel pairs: (B, 3 * C / 2, X, Y, Z).
+# Smoothing scales (voxels) of the force channels: the smoothed demons step is already a fair
+# estimate of the correction (scaled, sigma 2-4 voxels: about a third off the identity's error on
+# synthetic pairs), so the net starts from it instead of having to learn the smoothing.
+FORCE_SCALES = (0.0, 1.0, 2.0, 4.0)
 
-    For each pair (m, f), (m - f) * grad((m + f) / 2): up to a factor, minus the gradient of the
-    squared difference with respect to a small pull-back displacement. With it the first layer
-    sees a first-order estimate of the correction, which the U-Net has to smooth and scale,
-    instead of having to learn products of its inputs: on a CPU budget of tens of steps this is
-    what makes the net learn at all (the plain inputs alone did not move the error in 60 steps).
+
+def _forces(x: torch.Tensor) -> torch.Tensor:
+    """Demons force channels of (moving, fixed) channel pairs: (B, 3 * len(FORCE_SCALES) * C / 2,
+    X, Y, Z).
+
+    For each pair (m, f) with s = (m + f) / 2: (m - f) grad(s) / (|grad s|^2 + (m - f)^2), in
+    voxels (Thirion's normalised demons step, bounded by half a voxel), and its Gaussian blurs at
+    ``FORCE_SCALES``. The unnormalised product (m - f) grad(s) is a hundred times smaller than
+    the images and the net did not learn from it in hundreds of steps.
     """
     forces: List[torch.Tensor] = []
     for c in range(0, x.shape[1] - 1, 2):
         moving, fixed = x[:, c:c + 1], x[:, c + 1:c + 2]
-        forces.append((moving - fixed) * _central_gradient(0.5 * (moving + fixed)))
+        difference = moving - fixed
+        gradient = _central_gradient(0.5 * (moving + fixed))
+        denominator = (gradient ** 2).sum(1, keepdim=True) + difference ** 2
+        step = difference * gradient / (denominator + 1e-6)
+        forces.extend(step if sigma <= 0 else gaussian_blur(step, (sigma,) * 3)
+                      for sigma in FORCE_SCALES)
     return torch.cat(forces, dim=1)
 
 
@@ -151,8 +181,8 @@ class VelocityUNet(torch.nn.Module):
         self.shape_inputs = bool(shape_inputs)
         self.clip_mm = float(clip_mm)
         self.in_channels = 4 if self.shape_inputs else 2
-        # each (moving, fixed) pair of channels adds its 3 force channels
-        features = self.in_channels + 3 * (self.in_channels // 2)
+        # each (moving, fixed) pair of channels adds its force channels at each scale
+        features = self.in_channels + 3 * len(FORCE_SCALES) * (self.in_channels // 2)
         self.multiple = 2 ** (len(widths) - 1)
         self.encoder = torch.nn.ModuleList(
             [_Block(features if i == 0 else widths[i - 1], w, 1 if i == 0 else 2)
@@ -227,6 +257,46 @@ def predict_velocity(net: VelocityUNet, moving: torch.Tensor, fixed: torch.Tenso
     """
     field_mm = net(network_input(net, moving, fixed, moving_shape, fixed_shape))
     return epdiff.band_limit(field_mm, band)
+
+
+def predict_from_masks(net: VelocityUNet, moving: torch.Tensor, fixed: torch.Tensor,
+                       moving_mask: torch.Tensor, fixed_mask: torch.Tensor, spacing,
+                       band=epdiff.DEFAULT_BAND) -> torch.Tensor:
+    """Initial velocities (B, 3, n1, n2, n3) for pairs given as images and binary brain masks.
+
+    moving: (B, 1, X, Y, Z), fixed: (1, 1, X, Y, Z), both unit median in the fixed mask;
+    moving_mask (B, 1, X, Y, Z), fixed_mask (1, 1, X, Y, Z) bool; spacing (3,) mm. The shape
+    inputs are the masks' signed distances, as in training. This is ``deform``'s
+    ``estimate_deformation(predictor=...)`` hook (on its half-resolution grid, which has the
+    working grid's field of view, so the coefficients are the working grid's).
+    """
+    with torch.no_grad():
+        moving_shape = fixed_shape = None
+        if net.shape_inputs:
+            moving_shape = torch.as_tensor(signed_distance(
+                moving_mask[:, 0].cpu().numpy(), spacing))[:, None].to(moving)
+            fixed_shape = torch.as_tensor(signed_distance(
+                fixed_mask[0, 0].cpu().numpy(), spacing))[None, None].to(moving)
+        return predict_velocity(net, moving, fixed, moving_shape, fixed_shape, band)
+
+
+def near_brain(mask: torch.Tensor, spacing, margin_mm: float = 12.0) -> torch.Tensor:
+    """(1, 1, X, Y, Z) float: the mask dilated by ``margin_mm``. Where the supervised loss looks:
+    beyond the head the true field moves only background and no image can show it."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    iterations = max(1, int(round(margin_mm / min(spacing))))
+    grown = ndimage.binary_dilation(mask[0, 0].cpu().numpy(), structure, iterations)
+    return torch.as_tensor(grown, dtype=torch.float32, device=mask.device)[None, None]
+
+
+def supervised_loss(v0_hat: torch.Tensor, true_velocity: torch.Tensor,
+                    near: torch.Tensor) -> torch.Tensor:
+    """Mean |v0 - v_true|^2 (mm^2) over the ``near`` region, per pair: (B,).
+
+    v0_hat, true_velocity: (B, 3, n1, n2, n3); near: (1, 1, X, Y, Z) weights on the grid."""
+    grid_shape = tuple(near.shape[2:])
+    difference = epdiff.to_spatial(v0_hat - true_velocity, grid_shape)
+    return _masked_mean((difference ** 2).sum(1, keepdim=True), near)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,14 +453,16 @@ def synthetic_pairs(template: torch.Tensor, mask: torch.Tensor, spacing, batch: 
     fixed = template.expand(batch, 1, *grid_shape)
     # moving = fixed o phi_1, so that warp(moving, u_c) = fixed o phi_1 o phi_1^-1 = fixed.
     moving = epdiff.warp(fixed, shot.forward, spacing)
-    # The moving shape map is the fixed one carried by the same map: the signed distance of the
-    # deformed mask up to the deformation's small stretch of distances, with its zero level (the
-    # boundary) placed to a fraction of a voxel, where a distance transform of the resampled,
-    # thresholded mask would be off by up to half a working voxel (3 mm at 6 mm).
+    # The shape maps are what the pipeline gives: signed distances of binary masks on the grid.
+    # The moving mask is the fixed one carried by the same map and thresholded at a random level,
+    # as a segmentation of the deformed volume would place its boundary within a voxel.
     fixed_shape = torch.as_tensor(signed_distance(mask[0, 0].numpy(), spacing))[None, None]
     fixed_shape = fixed_shape.to(template.dtype).expand(batch, 1, *grid_shape)
-    moving_shape = epdiff.warp(fixed_shape, shot.forward, spacing)
-    moved_mask = moving_shape < 0
+    moved_fraction = epdiff.warp(mask.to(template.dtype).expand(batch, 1, *grid_shape),
+                                 shot.forward, spacing)
+    levels = _uniform(batch, 0.3, 0.7, generator).to(template.dtype).view(-1, 1, 1, 1, 1)
+    moved_mask = moved_fraction > levels
+    moving_shape = torch.as_tensor(signed_distance(moved_mask[:, 0].numpy(), spacing))[:, None]
     if augment:
         exponents = torch.exp(torch.randn(batch, generator=generator, dtype=torch.float64)
                               * gamma).to(template.dtype).view(-1, 1, 1, 1, 1)
@@ -464,7 +536,7 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
     template, mask: (1, 1, X, Y, Z) (:func:`volume_on_grid`); spacing (3,) mm. Runs
     ``steps`` Adam steps, or as many as fit in ``minutes`` (one of them; with both, whichever
     ends first). The first ``warmup`` part (of the steps, or of the time) uses the supervised
-    loss on the true velocity; the rest the unsupervised image + shape + sigma * regulariser
+    loss on the true velocity (:func:`supervised_loss`, near the brain); the rest the unsupervised image + shape + sigma * regulariser
     loss. A held-out batch of ``validation_size`` pairs (seed + 1, never trained on) gives the
     error before and after (and every ``validate_every`` steps when > 0). ``log(step, dict)``
     is called after each step when given.
@@ -478,6 +550,7 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
     held_out = synthetic_pairs(template, mask, spacing, validation_size,
                                torch.Generator().manual_seed(int(seed) + 1),
                                max_displacement_mm, band)
+    near = near_brain(mask, spacing)
     record = TrainingRecord()
     record.zero_error_mm = float(held_out.displacement.norm(dim=1, keepdim=True)
                                  .flatten(1)[:, mask.flatten()].mean())
@@ -509,8 +582,7 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
         v = predict_velocity(net, pairs.moving, pairs.fixed, pairs.moving_shape,
                              pairs.fixed_shape, band)
         if supervised:
-            difference = v - pairs.velocity
-            loss = (difference.real ** 2 + difference.imag ** 2).flatten(1).sum(1).mean()
+            loss = supervised_loss(v, pairs.velocity, near).mean()
             record.supervised_steps += 1
         else:
             terms = deformable_losses(v, pairs.moving, pairs.fixed, pairs.moving_shape,
@@ -544,9 +616,9 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
 def save_predictor(net: VelocityUNet, path, notes: dict | None = None) -> None:
     """Write the weights and the architecture record (format ``FORMAT``) to ``path``
     (torch.save of plain tensors and JSON-able values; loads with weights_only)."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     torch.save({"format": FORMAT, "config": net.config(), "notes": dict(notes or {}),
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
-               str(path))
+                "state_dict": state, "sha256": state_digest(state)}, str(path))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -554,12 +626,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def load_predictor(path, device="cpu") -> VelocityUNet:
-    """A :class:`VelocityUNet` from :func:`save_predictor`'s file, in eval mode.
+def load_predictor(path=None, device="cpu") -> VelocityUNet:
+    """A :class:`VelocityUNet` from :func:`save_predictor`'s file (None: the packaged
+    ``DEFAULT_PREDICTOR``), in eval mode.
 
-    Raises ValueError (one line, naming the file) when the file cannot be read or is not a
-    predictor of this architecture version.
+    Raises ValueError (one line, naming the file) when the file is missing, cannot be read, is
+    not a predictor of this architecture version, or its weights do not match their recorded
+    SHA-256.
     """
+    path = Path(DEFAULT_PREDICTOR if path is None else path)
+    if not path.is_file():
+        raise ValueError(f"{path}: velocity predictor not found")
     try:
         payload = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many kinds for a damaged or foreign file
@@ -567,6 +644,7 @@ def load_predictor(path, device="cpu") -> VelocityUNet:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: velocity predictor format {found!r}, expected {FORMAT!r}")
+    check_digest(path, payload)
     try:
         config = payload["config"]
         net = VelocityUNet(widths=config["widths"], shape_inputs=config["shape_inputs"],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import check_digest, state_digest
 from .geometry import homogeneous
 from .keypoints import (
     PRESETS,
@@ -165,17 +166,23 @@ def network_estimates(
     return RigidEstimates(image, homogeneous(R_g, t_g), fused, lam)
 
 
-def save_network(net: UniMoRigidNet, path, training: dict | None = None) -> None:
-    """Write the weights with what is needed to rebuild the network (and how it was trained)."""
-    torch.save({"format": "unimo-rigid-1", "preset": net.preset,
-                "num_keypoints": net.num_keypoints,
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "training": training or {}}, path)
+def save_network(net: UniMoRigidNet, path, training: dict | None = None,
+                 optimizer_state: dict | None = None) -> None:
+    """Write the weights with what is needed to rebuild the network (and how it was trained;
+    with ``optimizer_state``, what ``unimo-bids-train --resume`` needs to continue)."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    checkpoint = {"format": "unimo-rigid-1", "preset": net.preset,
+                  "num_keypoints": net.num_keypoints, "state_dict": state,
+                  "sha256": state_digest(state), "training": training or {}}
+    if optimizer_state is not None:
+        checkpoint["optimizer_state"] = optimizer_state
+    torch.save(checkpoint, path)
 
 
 def load_network(path=None, device="cpu") -> UniMoRigidNet:
     """Load a checkpoint written by ``save_network``; None loads the packaged weights for the
-    device type. Raises ValueError naming the file when it is missing or not such a checkpoint.
+    device type. Raises ValueError naming the file when it is missing, not such a checkpoint, or
+    its weights do not match their recorded SHA-256 (``checkpoint.check_digest``).
     """
     device = torch.device(device)
     if path is None:
@@ -193,6 +200,7 @@ def load_network(path=None, device="cpu") -> UniMoRigidNet:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "unimo-rigid-1":
         raise ValueError(f"{path}: not a unimo-bids rigid network checkpoint (no "
                          f"'unimo-rigid-1' format tag)")
+    check_digest(path, checkpoint)
     try:
         net = UniMoRigidNet(checkpoint["preset"], checkpoint["num_keypoints"])
         net.load_state_dict(checkpoint["state_dict"])

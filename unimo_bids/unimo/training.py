@@ -31,7 +31,8 @@ from .resample import band_limit_sigma, gaussian_blur
 from .network import RigidEstimates, UniMoRigidNet, network_estimates, translations
 from .shape import signed_distance
 
-__all__ = ["Anatomy", "sample_pairs", "displacement_error", "evaluate", "train"]
+__all__ = ["Anatomy", "anatomy_from_image", "sample_pairs", "displacement_error", "evaluate",
+           "train"]
 
 
 @dataclass
@@ -65,6 +66,35 @@ class Anatomy:
             self._band_limited[spacing_mm] = gaussian_blur(
                 self.tissues_t[None], band_limit_sigma(self.affine, spacing_mm))[0]
         return self._band_limited[spacing_mm]
+
+
+def anatomy_from_image(data: np.ndarray, affine, mask: np.ndarray, classes: int = 3,
+                       smoothing_vox: float = 0.7) -> Anatomy:
+    """Tissue maps of any brain image, for training on it without a segmentation.
+
+    data: (X, Y, Z) intensities; mask: (X, Y, Z) bool brain mask. The brain is split into
+    ``classes`` intensity classes of equal size (quantiles, e.g. CSF / grey / white matter in a
+    T1w, in some order in another contrast), the rest of the head is one more map (its
+    intensities, scaled to [0, 1.5] as ``unimo-bids-train``'s template head), and each map is
+    blurred by ``smoothing_vox`` voxels so that random contrasts of them have soft edges. Every
+    training sample then draws new intensities per class, so the network never learns the
+    image's own contrast. Returns an :class:`Anatomy` (brain probability = the blurred mask).
+    """
+    data = np.nan_to_num(np.asarray(data, dtype=np.float64))
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("the brain mask is empty")
+    inside = data[mask]
+    edges = np.quantile(inside, np.linspace(0.0, 1.0, classes + 1)[1:-1])
+    labels = np.digitize(data, edges)
+    maps = [ndimage.gaussian_filter(((labels == k) & mask).astype(np.float32), smoothing_vox)
+            for k in range(classes)]
+    head = data / max(float(np.percentile(data[data > 0], 99)), 1e-6) if (data > 0).any() \
+        else np.zeros_like(data)
+    brain = ndimage.gaussian_filter(mask.astype(np.float32), smoothing_vox)
+    maps.append((np.clip(head, 0.0, 1.5) * (1.0 - brain)).astype(np.float32))
+    return Anatomy(np.stack(maps).astype(np.float32), brain.astype(np.float32),
+                   np.asarray(affine, dtype=float))
 
 
 def random_rotations(batch: int, generator: torch.Generator, any_rotation: float = 0.5,
@@ -185,12 +215,13 @@ def _errors(estimates: RigidEstimates, truth, points) -> dict:
             for name in ("image", "shape", "fused")}
 
 
-def evaluate(net: UniMoRigidNet, anatomy: Anatomy, batches: list) -> dict:
-    """Mean displacement error (mm) per branch over fixed validation batches."""
-    grid_affine, _ = net.grid(anatomy.brain.shape, anatomy.affine, anatomy.brain > 0.5)
+def evaluate(net: UniMoRigidNet, batches: list) -> dict:
+    """Mean displacement error (mm) per branch over fixed validation batches, each an
+    (anatomy, pairs) tuple."""
     sums: dict = {}
     with torch.no_grad():
-        for pairs in batches:
+        for anatomy, pairs in batches:
+            grid_affine, _ = net.grid(anatomy.brain.shape, anatomy.affine, anatomy.brain > 0.5)
             errors = _errors(_estimates(net, pairs, grid_affine, anatomy.center),
                              pairs["truth"], anatomy.points)
             for name, value in errors.items():
@@ -198,27 +229,55 @@ def evaluate(net: UniMoRigidNet, anatomy: Anatomy, batches: list) -> dict:
     return {name: float(torch.cat(values).mean()) for name, values in sums.items()}
 
 
-def train(net: UniMoRigidNet, anatomy: Anatomy, minutes: float, batch: int = 4,
+def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
           learning_rate: float = 3e-3, seed: int = 0, validation_pairs: int = 32,
-          log=print) -> dict:
+          max_translation_mm: float = 30.0, optimizer_state: dict | None = None,
+          checkpoint=None, checkpoint_minutes: float = 0.0, log=print) -> dict:
     """Train ``net`` in place for ``minutes`` of wall time (CPU or the net's device).
 
-    Returns a summary dict (steps, seconds, validation errors before and after), written into
-    the checkpoint by the caller so the model card can quote it.
+    anatomies: one :class:`Anatomy` or a list; each step draws its batch from one of them at
+    random, and validation pairs (rotations uniform on SO(3)) come from each in turn.
+    optimizer_state: an Adam state to resume from (``summary["optimizer_state"]`` of an earlier
+    run). checkpoint(summary): called every ``checkpoint_minutes`` (> 0) with the summary so
+    far, so that a long run can be saved and resumed.
+    Returns a summary dict (steps, seconds, validation errors before and after, the optimizer
+    state), written into the checkpoint by the caller so the model card can quote it.
     """
+    if isinstance(anatomies, Anatomy):
+        anatomies = [anatomies]
     g = torch.Generator().manual_seed(seed)
-    grid_affine, grid_shape = net.grid(anatomy.brain.shape, anatomy.affine, anatomy.brain > 0.5)
+    grids = [net.grid(a.brain.shape, a.affine, a.brain > 0.5) for a in anatomies]
     val_g = torch.Generator().manual_seed(seed + 10_000)
-    validation = [sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g, any_rotation=1.0)
-                  for _ in range(max(1, validation_pairs // batch))]
-    before = evaluate(net.eval(), anatomy, validation)
+    validation = []
+    for index in range(max(1, validation_pairs // batch)):
+        anatomy = anatomies[index % len(anatomies)]
+        grid_affine, grid_shape = grids[index % len(anatomies)]
+        validation.append((anatomy, sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g,
+                                                 any_rotation=1.0,
+                                                 max_translation_mm=max_translation_mm)))
+    before = evaluate(net.eval(), validation)
     log(f"validation before: {_fmt(before)}")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
     start = time.monotonic()
+    last_checkpoint = start
     steps, running = 0, None
+
+    def summary(after=None) -> dict:
+        return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "batch": batch,
+                "validation_pairs": len(validation) * batch, "learning_rate": learning_rate,
+                "seed": seed, "max_translation_mm": max_translation_mm,
+                "validation_any_rotation_mm_before": before,
+                "validation_any_rotation_mm_after": after or before,
+                "lambda": float(net.lam.detach()), "optimizer_state": optimizer.state_dict()}
+
     net.train()
     while time.monotonic() - start < minutes * 60.0:
-        pairs = sample_pairs(anatomy, grid_affine, grid_shape, batch, g)
+        pick = int(torch.randint(len(anatomies), (1,), generator=g))
+        anatomy, (grid_affine, grid_shape) = anatomies[pick], grids[pick]
+        pairs = sample_pairs(anatomy, grid_affine, grid_shape, batch, g,
+                             max_translation_mm=max_translation_mm)
         errors = _errors(_estimates(net, pairs, grid_affine, anatomy.center), pairs["truth"],
                          anatomy.points)
         loss = sum(torch.log1p(e).mean() for e in errors.values())
@@ -230,15 +289,17 @@ def train(net: UniMoRigidNet, anatomy: Anatomy, minutes: float, batch: int = 4,
         value = float(errors["fused"].detach().mean())
         running = value if running is None else 0.98 * running + 0.02 * value
         if steps % 25 == 0:
-            log(f"step {steps}: fused error {running:.2f} mm (running mean), "
-                f"lambda {float(net.lam.detach()):.3f}, {time.monotonic() - start:.0f} s")
-    after = evaluate(net.eval(), anatomy, validation)
+            log(f"step {steps}: loss {float(loss.detach()):.3f}, fused error {running:.2f} mm "
+                f"(running mean), lambda {float(net.lam.detach()):.3f}, "
+                f"{time.monotonic() - start:.0f} s")
+        if (checkpoint is not None and checkpoint_minutes > 0
+                and time.monotonic() - last_checkpoint >= 60.0 * checkpoint_minutes):
+            checkpoint(summary())
+            net.train()
+            last_checkpoint = time.monotonic()
+    after = evaluate(net.eval(), validation)
     log(f"validation after {steps} steps: {_fmt(after)}")
-    return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "batch": batch,
-            "validation_pairs": len(validation) * batch,
-            "learning_rate": learning_rate, "seed": seed,
-            "validation_any_rotation_mm_before": before,
-            "validation_any_rotation_mm_after": after, "lambda": float(net.lam.detach())}
+    return summary(after)
 
 
 def _fmt(errors: dict) -> str:

@@ -39,6 +39,8 @@ class WorkflowOptions:
     refine: bool = True
     moving_anatomy: bool = False
     deformable: bool = False
+    deform_weights: str | None = None
+    deform_predictor: bool = False
     seg_model: str | None = None
     template: str | None = None
     template_home: str | None = None
@@ -97,5 +99,6 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
             omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
             refine=options.refine, moving_anatomy=options.moving_anatomy,
             ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
-            template_home=options.template_home, deformable=options.deformable)])
+            template_home=options.template_home, deformable=options.deformable,
+            deform_weights=options.deform_weights, deform_predictor=options.deform_predictor)])
     return workflow

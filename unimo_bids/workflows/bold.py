@@ -95,9 +95,18 @@ estimated each volume's rigid motion. """
 DEFORMABLE_DESC = """Local deformation left after the rigid transform was then corrected per volume by a
 band-limited LDDMM (EPDiff geodesic shooting of an initial velocity truncated to its lowest
 {band}^3 Fourier frequencies, {steps} Euler steps, in the style of FLASH and UniMo), the initial
-velocity being optimised at test time on intensities inside the brain mask with an
+velocity being {start}optimised at test time on intensities inside the brain mask with an
 <L v, v> regulariser; the rigid transform and the deformation were composed so that each volume
-was interpolated once. """.format(band=epdiff.DEFAULT_BAND, steps=epdiff.DEFAULT_STEPS)
+was interpolated once. """
+
+PREDICTOR_DESC = """predicted by a U-Net from the pair of volumes and of their brain-mask
+distance maps (trained on synthetic deformations of a template) and then """
+
+
+def deformable_description(predictor: bool) -> str:
+    """The methods text of --deformable."""
+    return DEFORMABLE_DESC.format(band=epdiff.DEFAULT_BAND, steps=epdiff.DEFAULT_STEPS,
+                                  start=PREDICTOR_DESC if predictor else "")
 
 
 def masks_description(moving_anatomy: bool, ref_mask, seg_model, template) -> str:
@@ -146,6 +155,8 @@ def init_series_wf(
     template: str | None = None,
     template_home: str | None = None,
     deformable: bool = False,
+    deform_weights: str | None = None,
+    deform_predictor: bool = False,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
@@ -162,6 +173,8 @@ def init_series_wf(
         (and corrects) a segmented reference mask; read from ``template_home``.
     deformable: after the rigid step, estimate a band-limited EPDiff deformation per volume
         (``UniMoDeform``) and compose it with the rigid transform in the one resampling.
+    deform_predictor: start each volume's optimisation from a velocity predictor's estimate
+        (``deform_weights``, None: the packaged one) instead of zero.
 
     Inputs
     ------
@@ -190,7 +203,7 @@ volume ({ref}). {masks}{network}{refinement}
 {fd:g} mm or standardised DVARS > {dvars:g} were flagged as motion outliers.
 """.format(ref=hmc_ref, radius=fd_radius, fd=fd_spike_threshold, dvars=dvars_spike_threshold,
            network=NETWORK_DESC, refinement=refinement,
-           deformable=DEFORMABLE_DESC if deformable else "",
+           deformable=deformable_description(deform_predictor) if deformable else "",
            masks=masks_description(moving_anatomy, ref_mask, seg_model, template))
 
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files", "preproc"]),
@@ -261,9 +274,16 @@ volume ({ref}). {masks}{network}{refinement}
              "reference_shape": reference_shape, "unimo_rigid": unimo_rigid,
              "confounds": confounds, "reference_mask": reference_mask}
     if deformable:
-        unimo_deform = pe.Node(UniMoDeform(device=device, num_threads=omp_nthreads, seed=seed),
+        unimo_deform = pe.Node(UniMoDeform(device=device, num_threads=omp_nthreads, seed=seed,
+                                           predictor=deform_weights,
+                                           use_predictor=deform_predictor),
                                name="unimo_deform", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
         nodes["unimo_deform"] = unimo_deform
+        # The predictor's moving shapes: the masks the rigid step registered.
+        if moving_anatomy:
+            workflow.connect(unimo_rigid, "out_masks", unimo_deform, "in_masks")
+        else:
+            workflow.connect(segment, "out_masks", unimo_deform, "in_masks")
         workflow.connect([
             (validate, unimo_deform, [("out_file", "in_file")]),
             (hmc_reference, unimo_deform, [("out_file", "reference")]),
