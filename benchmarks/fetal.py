@@ -80,7 +80,7 @@ from unimo_bids.unimo.tracking import carry_mask, track_moving_anatomy  # noqa: 
 SECTION = "## 10. Fetal: a brain moving inside still surroundings (`fetal.py`)"
 MAX_DEG = 30.0
 MAX_MM = 10.0
-PACKAGED_SEGMENTER = (Path(__file__).resolve().parents[1] / "unimo_bids" / "data"
+PACKAGED_SEGMENTER = (Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "weights"
                       / "unimo_segmenter_cpu.pt")
 
 

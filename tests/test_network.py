@@ -1,7 +1,7 @@
 """The UniMo rigid network: checkpoints, branch estimates, the engine with and without
 refinement, and the training data and command.
 
-Any-rotation capture (measured with the packaged weights, MNI152 on a 56^3 grid of 4 mm, 1 %
+Any-rotation capture (measured with the packaged weights of 2026-11-21, MNI152 on a 56^3 grid of 4 mm, 1 %
 noise, rotations uniform on SO(3), translations up to 10 mm; 12 volumes by hand, the 6 below in
 the tests): refinement started from the better of the identity and the network's estimate
 recovers every pose to about 0.02 mm; the network alone is 1.9 mm off on average (max 2.6) on
@@ -136,12 +136,13 @@ def test_refinement_from_the_network_captures_any_rotation(network, any_rotation
                                   shapes[..., 0], network=network)
     errors = mean_displacement(result.transforms, truth, points)
     assert errors.max() < 0.1, errors
-    # The network was the better start for most of these large rotations...
-    assert result.start[1:].sum() >= 3, result.start
-    # ...and without it the refinement alone fails on some of them: the test can fail.
+    # Without the network the refinement alone fails on some of these large rotations (the
+    # test can fail), and on each of those the network's estimate was the start taken.
     classical = estimate_head_motion(series, grid, series[..., 0], masks[..., 0], shapes,
                                      shapes[..., 0])
-    assert mean_displacement(classical.transforms, truth, points).max() > 5.0
+    lost = mean_displacement(classical.transforms, truth, points) > 5.0
+    assert lost.any()
+    assert result.start[lost].all(), (result.start, lost)
 
 
 def test_no_refine_returns_the_fused_network_estimate(network, any_rotation_series):

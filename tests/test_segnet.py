@@ -26,7 +26,7 @@ from unimo_bids.unimo.geometry import voxel_sizes
 from unimo_bids.unimo.segment import brain_mask
 from unimo_bids.unimo.training import Anatomy
 
-PACKAGED = Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "unimo_segmenter_cpu.pt"
+PACKAGED = Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "weights" / "unimo_segmenter_cpu.pt"
 
 # Measured with the packaged weights (model card): fetal run-2 (held out) 0.517, run-1 0.487
 # (the classical mask: 0.26), ICBM 2009c T2 with skull 0.874, nilearn's MNI152 0.721. The

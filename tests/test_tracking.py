@@ -228,7 +228,7 @@ def test_a_missing_template_says_how_to_fetch_it(tmp_path, fetal_dataset, capsys
     assert not (tmp_path / "out" / "sub-01").exists()
 
 
-PACKAGED_SEGMENTER = Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / \
+PACKAGED_SEGMENTER = Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "weights" / \
     "unimo_segmenter_cpu.pt"
 
 

@@ -3,7 +3,7 @@
 The anatomy is nilearn's MNI152 template and its grey/white-matter probability maps (shipped
 with nilearn, no download); every training sample is a new random contrast of it, so no scan
 from any dataset is needed or seen. The packaged weights were made with this command
-(unimo_bids/data/MODEL_CARD.md gives the exact line).
+(unimo_bids/data/weights/unimo_rigid_cpu.md gives the exact line).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ lambda = {summary["lambda"]:.3f} (0 = image branch, 1 = shape branch).
 gamma, bias field, noise, with or without the head around the brain), moved by a random rigid \
 transform (half uniform on SO(3), half up to 60 degrees; up to \
 {summary.get('max_translation_mm', 20.0):g} mm), a third cut by a static \
-field-of-view plane (the image only); shape maps from masks thresholded at random levels. \
+field-of-view plane (the image only); shape maps from masks thresholded at random levels, or \
+for a {summary.get('classical_masks', 0.0):g} share of the pairs from the app's classical \
+segmentation of each image. \
 {scans}
 - **Training:** {summary["steps"]} Adam steps of {summary["batch"]} pairs (learning rate \
 {summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes. \
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rigid model: leave out nilearn's MNI152 template")
     parser.add_argument("--max-translation", type=float, default=30.0, metavar="MM",
                         help="rigid model: translations up to this many mm per axis (default 30)")
+    parser.add_argument("--classical-masks", type=float, default=0.5, metavar="SHARE",
+                        help="rigid model: share of pairs whose shape maps come from the app's "
+                             "classical segmentation of each image, not the anatomy's brain "
+                             "mask (default 0.5)")
     parser.add_argument("--nthreads", type=int, default=0, help="torch CPU threads (0: all)")
     deformable = parser.add_argument_group("deformable predictor (--model deformable)")
     deformable.add_argument("--grid-mm", type=float, default=6.0,
@@ -322,7 +328,8 @@ def main(argv=None) -> int:
 
     summary = train(net, anatomies, args.minutes, batch=args.batch,
                     learning_rate=args.learning_rate, seed=args.seed,
-                    max_translation_mm=args.max_translation, optimizer_state=optimizer_state,
+                    max_translation_mm=args.max_translation,
+                    classical_masks=args.classical_masks, optimizer_state=optimizer_state,
                     checkpoint=checkpoint, checkpoint_minutes=args.checkpoint_minutes)
     summary = finish(summary)
     card = Path(args.output).with_suffix(".md")

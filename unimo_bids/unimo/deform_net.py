@@ -90,7 +90,8 @@ __all__ = [
 
 FORMAT = "unimo-velocity-unet-1"
 # Packaged predictor, made with ``unimo-bids-train --model deformable`` (its model card beside it).
-DEFAULT_PREDICTOR = Path(__file__).resolve().parent.parent / "data" / "unimo_velocity_cpu.pt"
+DEFAULT_PREDICTOR = (Path(__file__).resolve().parent.parent / "data" / "weights"
+                     / "unimo_velocity_cpu.pt")
 # keypoints.shape_input's default: the shape map carries the 20 mm about the brain boundary.
 SHAPE_CLIP_MM = 20.0
 # Loss weights. SIGMA is epdiff's test-time weight of <L v0, v0> against the image MSE (same

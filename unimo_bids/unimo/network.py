@@ -11,7 +11,7 @@ window; keypoints are shifted back into world mm before the solve.
 
 The weights and their configuration travel together in one checkpoint (``save_network``,
 ``load_network``); the package ships weights trained with ``unimo-bids-train``
-(unimo_bids/data/MODEL_CARD.md).
+(unimo_bids/data/weights/unimo_rigid_cpu.md).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 DEFAULT_WEIGHTS = {
-    "cpu": Path(__file__).resolve().parent.parent / "data" / "unimo_rigid_cpu.pt",
-    "cuda": Path(__file__).resolve().parent.parent / "data" / "unimo_rigid_cuda.pt",
+    "cpu": Path(__file__).resolve().parent.parent / "data" / "weights" / "unimo_rigid_cpu.pt",
+    "cuda": Path(__file__).resolve().parent.parent / "data" / "weights" / "unimo_rigid_cuda.pt",
 }
 
 

@@ -29,6 +29,7 @@ from .geometry import centroids, homogeneous, rigid_inverse, voxel_sizes, world_
 from .keypoints import shape_input, to_working_grid
 from .resample import band_limit_sigma, gaussian_blur
 from .network import RigidEstimates, UniMoRigidNet, network_estimates, translations
+from .segment import brain_mask
 from .shape import signed_distance
 
 __all__ = ["Anatomy", "anatomy_from_image", "sample_pairs", "displacement_error", "evaluate",
@@ -141,8 +142,13 @@ def _field_of_view(grid_affine, grid_shape, offsets, normals, distances, center)
 
 def sample_pairs(anatomy: Anatomy, grid_affine, grid_shape, batch: int, g: torch.Generator,
                  any_rotation: float = 0.5, max_translation_mm: float = 20.0,
-                 center_jitter_mm: float = 3.0, noise: float = 0.05):
+                 center_jitter_mm: float = 3.0, noise: float = 0.05,
+                 classical_masks: float = 0.0):
     """B synthetic (reference, moved volume) pairs on the working grid.
+
+    The shape maps come from the anatomy's brain masks (thresholded at random levels), or, for
+    a ``classical_masks`` share of the pairs, from ``segment.brain_mask`` of each image, as the
+    app segments real volumes.
 
     Returns a dict of tensors: fixed_image, moving_image, fixed_shape, moving_shape
     (B, 1, N, N, N); fixed_offsets, moving_offsets (B, 3) (each grid's world shift, as at
@@ -191,6 +197,17 @@ def sample_pairs(anatomy: Anatomy, grid_affine, grid_shape, batch: int, g: torch
     moving_shape = shape_input(to_working_grid(
         anatomy.distance_maps[pick_m], anatomy.affine, grid_affine, grid_shape, moving_tx,
         antialias=False, padding_mode="border"))
+    # For some pairs, the masks the app makes: its classical segmentation of each image, which
+    # on real scans may take in the whole head, miss part of the brain, or follow a field-of-view
+    # cut. The shape branch and the fusion weight must learn what such masks are worth.
+    classical = torch.rand(batch, generator=g) < classical_masks
+    if bool(classical.any()):
+        index = torch.nonzero(classical)[:, 0]
+        voxel = tuple(voxel_sizes(grid_affine))
+        for images, shapes in ((fixed_image, fixed_shape), (moving_image, moving_shape)):
+            masks = brain_mask(images[index, 0].detach().cpu().numpy(), voxel)
+            distances = torch.as_tensor(signed_distance(masks, voxel))[:, None]
+            shapes[index] = shape_input(distances.to(shapes))
     return {"fixed_image": fixed_image, "moving_image": moving_image,
             "fixed_shape": fixed_shape, "moving_shape": moving_shape,
             "fixed_offsets": fixed_offsets, "moving_offsets": moving_offsets, "truth": truth}
@@ -231,12 +248,15 @@ def evaluate(net: UniMoRigidNet, batches: list) -> dict:
 
 def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
           learning_rate: float = 3e-3, seed: int = 0, validation_pairs: int = 32,
-          max_translation_mm: float = 30.0, optimizer_state: dict | None = None,
+          max_translation_mm: float = 30.0, classical_masks: float = 0.5,
+          optimizer_state: dict | None = None,
           checkpoint=None, checkpoint_minutes: float = 0.0, log=print) -> dict:
     """Train ``net`` in place for ``minutes`` of wall time (CPU or the net's device).
 
     anatomies: one :class:`Anatomy` or a list; each step draws its batch from one of them at
     random, and validation pairs (rotations uniform on SO(3)) come from each in turn.
+    classical_masks: share of pairs whose shape maps come from the app's classical
+    segmentation of each image (``sample_pairs``).
     optimizer_state: an Adam state to resume from (``summary["optimizer_state"]`` of an earlier
     run). checkpoint(summary): called every ``checkpoint_minutes`` (> 0) with the summary so
     far, so that a long run can be saved and resumed.
@@ -254,7 +274,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         grid_affine, grid_shape = grids[index % len(anatomies)]
         validation.append((anatomy, sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g,
                                                  any_rotation=1.0,
-                                                 max_translation_mm=max_translation_mm)))
+                                                 max_translation_mm=max_translation_mm,
+                                                 classical_masks=classical_masks)))
     before = evaluate(net.eval(), validation)
     log(f"validation before: {_fmt(before)}")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
@@ -268,6 +289,7 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "batch": batch,
                 "validation_pairs": len(validation) * batch, "learning_rate": learning_rate,
                 "seed": seed, "max_translation_mm": max_translation_mm,
+                "classical_masks": classical_masks,
                 "validation_any_rotation_mm_before": before,
                 "validation_any_rotation_mm_after": after or before,
                 "lambda": float(net.lam.detach()), "optimizer_state": optimizer.state_dict()}
@@ -277,7 +299,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         pick = int(torch.randint(len(anatomies), (1,), generator=g))
         anatomy, (grid_affine, grid_shape) = anatomies[pick], grids[pick]
         pairs = sample_pairs(anatomy, grid_affine, grid_shape, batch, g,
-                             max_translation_mm=max_translation_mm)
+                             max_translation_mm=max_translation_mm,
+                             classical_masks=classical_masks)
         errors = _errors(_estimates(net, pairs, grid_affine, anatomy.center), pairs["truth"],
                          anatomy.points)
         loss = sum(torch.log1p(e).mean() for e in errors.values())
