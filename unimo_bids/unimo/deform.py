@@ -110,6 +110,12 @@ def _masked_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
     return (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)
 
 
+def _volumes_tensor(array: np.ndarray, start: int, stop: int, device) -> torch.Tensor:
+    """Volumes start:stop of an (X, Y, Z, T) array as a (B, 1, X, Y, Z) float32 tensor."""
+    return torch.as_tensor(np.ascontiguousarray(np.moveaxis(array[..., start:stop], -1, 0),
+                                                dtype=np.float32), device=device)[:, None]
+
+
 def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
                          reference_mask: np.ndarray, transforms: np.ndarray,
                          device: str = "cpu", chunk_size: int = 16,
@@ -147,28 +153,26 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
     mean_mm, max_mm, min_jac, ncc_rigid, ncc_deformed, rejected = [], [], [], [], [], []
     for start in range(0, n_volumes, chunk_size):
         stop = min(start + chunk_size, n_volumes)
-        volumes = torch.as_tensor(np.ascontiguousarray(
-            np.moveaxis(series[..., start:stop], -1, 0), dtype=np.float32), device=device)[:, None]
+        chunk_transforms = transforms[start:stop]
+        volumes = _volumes_tensor(series, start, stop, device)
         moving = to_working_grid(volumes, affine, grid_affine, grid_shape,
-                                 transforms=transforms[start:stop])
+                                 transforms=chunk_transforms)
         moving = unit_median(moving, grid_mask)
         # Only where the moved volume has data: beyond its field of view it reads zeros, which a
         # deformation would otherwise stretch the brain to explain.
         in_view = to_working_grid(torch.ones_like(volumes[:, :1, :, :, :]), affine, grid_affine,
-                                  grid_shape, transforms=transforms[start:stop],
+                                  grid_shape, transforms=chunk_transforms,
                                   antialias=False) > 0.999
         weight = in_view & grid_mask[None, None]
         init = None
         if predictor is not None:
-            chunk_transforms = transforms[start:stop]
             half_moving = unit_median(to_working_grid(volumes, affine, half_affine, half_shape,
                                                       transforms=chunk_transforms), half_mask)
             if masks is None:  # the reference mask, moved with the volume
                 volume_masks = torch.as_tensor(np.asarray(reference_mask, np.float32),
                                                device=device)[None, None].expand_as(volumes)
             else:
-                volume_masks = torch.as_tensor(np.ascontiguousarray(np.moveaxis(
-                    masks[..., start:stop], -1, 0), dtype=np.float32), device=device)[:, None]
+                volume_masks = _volumes_tensor(masks, start, stop, device)
             half_moving_mask = to_working_grid(volume_masks, affine, half_affine, half_shape,
                                                transforms=chunk_transforms,
                                                antialias=False) > 0.5

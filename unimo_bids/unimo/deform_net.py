@@ -226,11 +226,6 @@ class VelocityUNet(torch.nn.Module):
         return self.output_mm * self.head(x)[:, :, :size_x, :size_y, :size_z]
 
 
-def _shape_channel(distance_mm: torch.Tensor, clip_mm: float) -> torch.Tensor:
-    """Signed distance (mm) -> clipped shape map in [0, 2 clip] mm (``keypoints.shape_input``)."""
-    return shape_input(distance_mm, clip_mm)
-
-
 def network_input(net: VelocityUNet, moving: torch.Tensor, fixed: torch.Tensor,
                   moving_shape=None, fixed_shape=None) -> torch.Tensor:
     """(B, C, X, Y, Z) input of ``net``: images (B or 1, 1, ...), shapes signed distances (mm)."""
@@ -240,7 +235,7 @@ def network_input(net: VelocityUNet, moving: torch.Tensor, fixed: torch.Tensor,
         if moving_shape is None or fixed_shape is None:
             raise ValueError("this predictor reads shape maps: give moving_shape and fixed_shape")
         for distance in (moving_shape, fixed_shape):
-            channel = _shape_channel(distance, net.clip_mm) / net.clip_mm
+            channel = shape_input(distance, net.clip_mm) / net.clip_mm
             channels.append(channel.expand(batch, *channel.shape[1:]).to(moving.dtype))
     return torch.cat(channels, dim=1)
 
@@ -340,8 +335,8 @@ def deformable_losses(v0_hat: torch.Tensor, moving: torch.Tensor, fixed: torch.T
     warped = epdiff.warp(moving, displacement, spacing)
     losses = {"image": _masked_mean((warped - fixed) ** 2, weight)}
     if moving_shape is not None and fixed_shape is not None:
-        moving_clip = _shape_channel(moving_shape, clip_mm).to(displacement.dtype)
-        fixed_clip = _shape_channel(fixed_shape, clip_mm).to(displacement.dtype)
+        moving_clip = shape_input(moving_shape, clip_mm).to(displacement.dtype)
+        fixed_clip = shape_input(fixed_shape, clip_mm).to(displacement.dtype)
         warped_shape = epdiff.warp(moving_clip, displacement, spacing)
         losses["shape"] = ((warped_shape - fixed_clip) ** 2).flatten(1).mean(1) / clip_mm ** 2
     operator = epdiff.operator_symbol(v0_hat.shape[-3:], grid_shape, spacing, metric,

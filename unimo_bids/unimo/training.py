@@ -234,11 +234,10 @@ def _errors(estimates: RigidEstimates, truth, points) -> dict:
 
 def evaluate(net: UniMoRigidNet, batches: list) -> dict:
     """Mean displacement error (mm) per branch over fixed validation batches, each an
-    (anatomy, pairs) tuple."""
+    (anatomy, grid_affine, pairs) tuple."""
     sums: dict = {}
     with torch.no_grad():
-        for anatomy, pairs in batches:
-            grid_affine, _ = net.grid(anatomy.brain.shape, anatomy.affine, anatomy.brain > 0.5)
+        for anatomy, grid_affine, pairs in batches:
             errors = _errors(_estimates(net, pairs, grid_affine, anatomy.center),
                              pairs["truth"], anatomy.points)
             for name, value in errors.items():
@@ -259,7 +258,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
     segmentation of each image (``sample_pairs``).
     optimizer_state: an Adam state to resume from (``summary["optimizer_state"]`` of an earlier
     run). checkpoint(summary): called every ``checkpoint_minutes`` (> 0) with the summary so
-    far, so that a long run can be saved and resumed.
+    far (its "validation_any_rotation_mm_after" None: not measured yet), so that a long run can
+    be saved and resumed.
     Returns a summary dict (steps, seconds, validation errors before and after, the optimizer
     state), written into the checkpoint by the caller so the model card can quote it.
     """
@@ -272,10 +272,10 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
     for index in range(max(1, validation_pairs // batch)):
         anatomy = anatomies[index % len(anatomies)]
         grid_affine, grid_shape = grids[index % len(anatomies)]
-        validation.append((anatomy, sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g,
-                                                 any_rotation=1.0,
-                                                 max_translation_mm=max_translation_mm,
-                                                 classical_masks=classical_masks)))
+        validation.append((anatomy, grid_affine,
+                           sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g,
+                                        any_rotation=1.0, max_translation_mm=max_translation_mm,
+                                        classical_masks=classical_masks)))
     before = evaluate(net.eval(), validation)
     log(f"validation before: {_fmt(before)}")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
@@ -291,7 +291,7 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
                 "seed": seed, "max_translation_mm": max_translation_mm,
                 "classical_masks": classical_masks,
                 "validation_any_rotation_mm_before": before,
-                "validation_any_rotation_mm_after": after or before,
+                "validation_any_rotation_mm_after": after,
                 "lambda": float(net.lam.detach()), "optimizer_state": optimizer.state_dict()}
 
     net.train()
