@@ -1,7 +1,8 @@
 """Peak memory of the reference choice and of the motion estimation versus series length.
 
 ``unimo.hmc.estimate_head_motion`` registers volumes in chunks of 64; ``unimo.reference.
-select_reference('auto')`` aligns all steady-state volumes at once. This script measures, in a
+select_reference('auto')`` aligns at most 64 evenly spaced steady-state volumes (it aligned all
+of them at once before 2026-11-22). This script measures, in a
 fresh process per step and length, the peak RSS above the RSS after loading the series, for a
 synthetic 64x64x40xT series (nilearn's MNI152 template, ``unimo_bids.unimo.synthetic``, as
 benchmarks/io_floor.py).
@@ -9,6 +10,7 @@ benchmarks/io_floor.py).
 Run by hand from the repository root::
 
     python benchmarks/memory_scaling.py            # T = 50, 100, 200, 400 (~6 min)
+    python benchmarks/memory_scaling.py --lengths 50 100 200 400 800
     python benchmarks/memory_scaling.py --quick    # T = 20, 60
 """
 

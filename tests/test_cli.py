@@ -200,6 +200,20 @@ def test_rerun_reuses_cache_and_gives_identical_outputs(good_dataset):
     assert output_files(out) == before
 
 
+
+def test_same_seed_in_fresh_folders_gives_bitwise_identical_outputs(good_dataset, tmp_path):
+    """--random-seed: a second run with new work and output folders (nothing cached) writes
+    the same bytes, and the seed is recorded in dataset_description.json and the report."""
+    argv = list(good_dataset["argv"])
+    argv[1], argv[4] = str(tmp_path / "out"), str(tmp_path / "work")
+    assert main(argv) == 0
+    first, second = output_files(good_dataset["out"]), output_files(tmp_path / "out")
+    assert len(first) > 2 * len(CONTRACT) and second == first
+    description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
+    assert description["GeneratedBy"][0]["RandomSeed"] == 7
+    report = (tmp_path / "out" / "sub-01.html").read_text()
+    assert re.search(r"Random seed.{0,80}\b7\b", report, re.S)
+
 def test_group_level(good_dataset):
     out = good_dataset["out"]
     assert main([str(good_dataset["bids"]), str(out), "group"]) == 0

@@ -136,6 +136,27 @@ def test_select_reference_modes(mni_template):
         select_reference(series, grid, 20)
 
 
+
+def test_select_reference_on_long_series_looks_at_a_bounded_subset(mni_template, monkeypatch):
+    """Past MAX_CANDIDATES steady-state volumes, 'auto' chooses among evenly spaced ones and
+    'mean' averages all of them in chunks: memory does not grow with the series."""
+    from unimo_bids.unimo import reference
+
+    assert list(reference.evenly_spaced(np.arange(3, 13), 4)) == [3, 6, 9, 12]
+    assert list(reference.evenly_spaced(np.arange(5), 8)) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(reference, "MAX_CANDIDATES", 4)
+    still, grid, _, _ = moved_series(mni_template, 8.0, 10, 0.0, 0.0, seed=3)
+    moved, _, _, _ = moved_series(mni_template, 8.0, 3, 8.0, 8.0, seed=4)
+    still[..., [3, 9]] = moved[..., 1:]
+    assert list(reference.evenly_spaced(np.arange(1, 10), 4)) == [1, 4, 6, 9]
+    _, index = reference.select_reference(still, grid, "auto", n_dummy=1)
+    assert index in (1, 4, 6)  # a still candidate, not the moved 9
+    mean, index = reference.select_reference(still, grid, "mean", n_dummy=1)
+    assert index is None and np.isfinite(mean).all() and mean.shape == still.shape[:3]
+    # the mean of 9 volumes (two moved, aligned back roughly) is close to a still volume
+    brain = still[..., 1] > np.percentile(still[..., 1], 70)
+    assert np.corrcoef(mean[brain], still[..., 1][brain])[0, 1] > 0.9
+
 def test_large_through_slab_motion_does_not_abort_the_series():
     """A volume moved 10 deg / 22 mm on a 112 mm slab of real BOLD used to make the solve
     singular and lose the whole series (found by benchmarks/rigid_accuracy.py)."""

@@ -251,7 +251,7 @@ def test_train_command_learns_from_images_resumes_and_refuses_bad_input(tmp_path
     out = tmp_path / "net.pt"
     args = [str(out), "--images", str(folder), "--no-template", "--batch", "2",
             "--keypoints", "4", "--learning-rate", "0.01", "--nthreads", "1", "--seed", "1"]
-    assert train_main(args + ["--minutes", "0.5", "--checkpoint-minutes", "0.2"]) == 0
+    assert train_main(args + ["--minutes", "0.3", "--checkpoint-minutes", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "checkpoint:" in printed
     info = load_network(out).training_info

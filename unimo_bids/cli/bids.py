@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 from .. import __version__
 from ..interfaces.io import write_atomically
 from ..workflows.base import SeriesRun
-from .parser import UsageError, clean_label
+from .parser import UsageError, clean_label, read_option_file
 
 BIDSIGNORE = """\
 *.html
@@ -53,6 +55,30 @@ def check_paths(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
         raise UsageError(f"{work_dir}: the work folder must not be inside the BIDS dataset")
     if work == out or out in work.parents:
         raise UsageError(f"{work_dir}: the work folder must not be inside the output folder")
+    for folder, what in ((output_dir, "output"), (work_dir, "work")):
+        check_writable(folder, what)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work (and leave no trace:
+    folders made for the test are removed again)."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    existing = folder.parents[len(missing) - 1] if missing else folder
+    if not existing.is_dir():
+        raise UsageError(f"{folder}: the {what} folder cannot be made: {existing} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".unimo-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"{folder}: the {what} folder is not writable ({err.strerror})") from None
+    finally:
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
 
 def load_filters(path: Path | None) -> dict:
@@ -60,10 +86,8 @@ def load_filters(path: Path | None) -> dict:
     if path is None:
         return {}
     try:
-        filters = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: the BIDS filter file does not exist") from None
-    except (ValueError, UnicodeDecodeError) as err:
+        filters = json.loads(read_option_file(path, "BIDS filter file"))
+    except (ValueError, RecursionError) as err:
         raise UsageError(f"{path}: the BIDS filter file is not valid JSON ({err})") from None
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise UsageError(f"{path}: the BIDS filter file must map query names (e.g. 'bold') to "
@@ -103,7 +127,7 @@ def collect_runs(
     Returns (runs, errors, warnings): errors are (subject, one-line message) about single series
     that cannot be processed (e.g. a malformed sidecar); they do not stop the other series.
     """
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
     # One index per participant selection, so that parallel jobs (one subject each) sharing a
     # work folder never rewrite each other's database.
@@ -111,9 +135,12 @@ def collect_runs(
     database = work_dir / "bids_db" / (hashlib.sha1(selection.encode()).hexdigest()[:12]
                                        if selection else "all")
     database.mkdir(parents=True, exist_ok=True)
+    bad_names, bad_json = unindexable_files(bids_dir)
     try:
         layout = BIDSLayout(str(bids_dir), validate=False, database_path=str(database),
-                            reset_database=True)
+                            reset_database=True,
+                            indexer=BIDSLayoutIndexer(validate=False,
+                                                      ignore=index_ignores(bids_dir, bad_json)))
     except Exception as err:  # pybids raises several types for unreadable datasets
         raise UsageError(f"{bids_dir}: cannot be read as a BIDS dataset ({err})") from None
     warnings = []
@@ -150,13 +177,132 @@ def collect_runs(
     runs, errors = [], []
     for path in sorted(files):
         subject = layout.parse_file_entities(path)["subject"]
+        broken = [(sidecar, problem) for sidecar, problem in bad_json.items()
+                  if applies_to(sidecar, Path(path))]
+        if broken:
+            sidecar, problem = broken[0]
+            errors.append((subject, f"{path}: its JSON sidecar {sidecar} is not valid JSON "
+                                    f"({problem})"))
+            continue
         try:
             metadata = layout.get_metadata(path)
-        except Exception as err:  # a malformed JSON sidecar
+        except Exception as err:  # a sidecar pybids cannot read
             errors.append((subject, f"{path}: cannot read its JSON sidecar ({err})"))
             continue
+        problem = metadata_problem(metadata)
+        if problem:
+            errors.append((subject, f"{path}: {problem}"))
+            continue
         runs.append(SeriesRun(path=path, subject=subject, metadata=dict(metadata)))
+    for path in bad_names:
+        subject = re.search(r"sub-([a-zA-Z0-9]+)", str(path))
+        if path.name.endswith(("_bold.nii.gz", "_bold.nii")) and subject and \
+                subject.group(1) in labels:
+            errors.append((subject.group(1), f"{printable(path)}: the file name is not valid "
+                                             "UTF-8 (pybids cannot index it); rename it"))
     return runs, errors, warnings
+
+
+def metadata_problem(metadata) -> str | None:
+    """What makes a series' sidecar metadata unusable, or None: a RepetitionTime that is not a
+    finite number (a string, a list, true, or an integer too large for a float)."""
+    value = metadata.get("RepetitionTime")
+    if value is None:
+        return None
+    try:
+        finite = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and math.isfinite(float(value)))
+    except OverflowError:
+        finite = False
+    if not finite:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"RepetitionTime in the sidecar is {shown}, not a number of seconds"
+    return None
+
+
+# Top-level folders that are not raw data (pybids skips them too).
+NOT_RAW = {"derivatives", "sourcedata", "code", "stimuli", "models"}
+
+
+def printable(path) -> str:
+    """A path with undecodable bytes shown as escapes (e.g. caf\\xe9), safe to print."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unindexable_files(bids_dir: Path) -> tuple[list[Path], dict[Path, str]]:
+    """Files of the raw dataset that pybids would choke on: names that are not UTF-8, and JSON
+    files that do not parse (problem per file)."""
+    bad_names, bad_json = [], {}
+    for folder, subfolders, names in os.walk(bids_dir):
+        if Path(folder) == bids_dir:
+            subfolders[:] = [d for d in subfolders if d not in NOT_RAW and not d.startswith(".")]
+        for name in names + subfolders:
+            path = Path(folder, name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                bad_names.append(path)
+                continue
+            if name.endswith(".json") and name in names:
+                try:
+                    if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                        bad_json[path] = "not a JSON object"
+                except (ValueError, OSError) as err:
+                    bad_json[path] = " ".join(str(err).split())
+                except RecursionError:
+                    bad_json[path] = "nested too deeply"
+        subfolders[:] = [d for d in subfolders if Path(folder, d) not in bad_names]
+    return bad_names, bad_json
+
+
+def index_ignores(bids_dir: Path, bad_json: dict[Path, str]) -> list:
+    """pybids' default ignores, plus undecodable names and the JSON files that do not parse."""
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    return [*DEFAULT_LOCATIONS_TO_IGNORE, re.compile("[\udc80-\udcff]"),
+            *(re.compile("^/" + re.escape(path.relative_to(bids_dir).as_posix()) + "$")
+              for path in bad_json)]
+
+
+def _entities(name: str) -> tuple[dict[str, str], str]:
+    """({key: value}, suffix) of a BIDS file name."""
+    stem = name.split(".", 1)[0]
+    parts = stem.split("_")
+    return dict(part.split("-", 1) for part in parts[:-1] if "-" in part), parts[-1]
+
+
+def applies_to(sidecar: Path, series: Path) -> bool:
+    """Whether a JSON sidecar holds metadata of a series under BIDS inheritance: it lies in
+    the series' folder or above, has its suffix, and its entities are a subset of the series'."""
+    if sidecar.parent not in (series.parent, *series.parents):
+        return False
+    keys, suffix = _entities(sidecar.name)
+    series_keys, series_suffix = _entities(series.name)
+    return suffix == series_suffix and all(series_keys.get(k) == v for k, v in keys.items())
+
+
+def machine_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+
+
+def screen_runs(runs: list[SeriesRun], memory_gb: float | None):
+    """Header checks of every run before any work (``interfaces.series.screen_header``).
+
+    Returns (runs that can go on, errors as (subject, message), warnings). Without ``--mem``
+    the limit is 90 % of the machine's memory, as nipype's MultiProc assumes.
+    """
+    from ..interfaces.series import SeriesError, screen_header
+
+    limit = memory_gb if memory_gb is not None else 0.9 * machine_memory_gb()
+    kept, errors, warnings = [], [], []
+    for run in runs:
+        try:
+            warnings.extend(screen_header(run.path, limit))
+        except SeriesError as err:
+            errors.append((run.subject, str(err)))
+            continue
+        kept.append(run)
+    return kept, errors, warnings
 
 
 def write_dataset_files(output_dir: Path, bids_dir: Path, seed: int | None,
@@ -164,7 +310,10 @@ def write_dataset_files(output_dir: Path, bids_dir: Path, seed: int | None,
     """dataset_description.json (derivative, GeneratedBy, DatasetLinks), .bidsignore and the
     methods text, written atomically."""
     generated = {"Name": "unimo-bids", "Version": __version__}
-    container = os.environ.get("UNIMO_BIDS_CONTAINER")
+    container = os.environ.get("UNIMO_BIDS_CONTAINER")  # set in the Docker image
+    if container and (os.environ.get("APPTAINER_CONTAINER")
+                      or os.environ.get("SINGULARITY_CONTAINER")):
+        container = "singularity"  # the Docker image run by Apptainer/Singularity
     if container:
         generated["Container"] = {"Type": container}
     description = {

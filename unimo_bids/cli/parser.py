@@ -17,6 +17,37 @@ class UsageError(Exception):
     """A problem with the command line or the paths it names; the message is one line."""
 
 
+MAX_OPTION_FILE_BYTES = 1 << 20
+
+
+def read_option_file(path, what: str) -> str:
+    """The text of a small file named on the command line (--bids-filter-file, --use-plugin).
+
+    Refuses, with one line naming it: a missing path, anything but a regular file (a folder,
+    a FIFO or a device such as /dev/zero would hang or exhaust memory), files over 1 MB, and
+    unreadable or non-UTF-8 files.
+    """
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: the {what} does not exist") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the {what} ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{path}: the {what} must be a regular file")
+    if info.st_size > MAX_OPTION_FILE_BYTES:
+        raise UsageError(f"{path}: the {what} is {info.st_size} bytes; at most 1 MB is read")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: the {what} is not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the {what} ({err.strerror})") from None
+
+
 _MEM_UNITS = {"": 1.0, "k": 1 / 1024**2, "m": 1 / 1024, "g": 1.0, "t": 1024.0}
 
 
@@ -121,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nipype plugin YAML: {plugin: MultiProc, plugin_args: {...}}")
     g_perf.add_argument("--device", type=_device, default="auto",
                         help="torch device: auto, cpu, cuda or cuda:N")
+    g_perf.add_argument("--gpu-procs", type=_int_at_least(1), default=None, metavar="N",
+                        help="GPU steps run at once by MultiProc (nipype's n_gpu_procs; "
+                             "default: one per visible GPU); batches shrink to the GPU memory "
+                             "left free")
     g_perf.add_argument("--stop-on-first-crash", action="store_true",
                         help="stop at the first failing node instead of finishing other runs")
 

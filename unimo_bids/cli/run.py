@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
-from .parser import DEFAULT_FD_SPIKE_THRESHOLD, UsageError, build_parser
+from .parser import DEFAULT_FD_SPIKE_THRESHOLD, UsageError, build_parser, read_option_file
 
 LOGGER = logging.getLogger("unimo_bids")
 
@@ -185,15 +185,13 @@ def resolve_device(requested: str) -> str:
 
 
 def plugin_settings(args, progress_callback=None) -> dict:
-    """Nipype plugin and its arguments from --use-plugin, --nprocs and --mem."""
+    """Nipype plugin and its arguments from --use-plugin, --nprocs, --mem and --gpu-procs."""
     if args.use_plugin is not None:
         import yaml
 
         try:
-            settings = yaml.safe_load(Path(args.use_plugin).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"{args.use_plugin}: the plugin file does not exist") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            settings = yaml.safe_load(read_option_file(args.use_plugin, "plugin file"))
+        except yaml.YAMLError as err:
             raise UsageError(f"{args.use_plugin}: not valid YAML ({err})") from None
         if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str) \
                 or not isinstance(settings.get("plugin_args", {}), dict):
@@ -212,6 +210,8 @@ def plugin_settings(args, progress_callback=None) -> dict:
         settings["plugin_args"].setdefault("mp_context", "forkserver")
     if args.mem is not None and settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
         settings["plugin_args"].setdefault("memory_gb", args.mem)
+    if args.gpu_procs is not None and settings["plugin"] == "MultiProc":
+        settings["plugin_args"].setdefault("n_gpu_procs", args.gpu_procs)
     if progress_callback is not None and settings["plugin"] in ("Linear", "MultiProc",
                                                                  "LegacyMultiProc"):
         settings["plugin_args"]["status_callback"] = progress_callback
@@ -263,13 +263,25 @@ def collect_crashes(crash_dir: Path, runs) -> dict[str, list[str]]:
 
 def run_participant(args) -> int:
     from ..workflows.base import WorkflowOptions, init_unimo_bids_wf
-    from .bids import check_dataset, check_paths, collect_runs, load_filters, write_dataset_files
+    from .bids import (
+        check_dataset,
+        check_paths,
+        collect_runs,
+        load_filters,
+        screen_runs,
+        write_dataset_files,
+    )
     from .reports import build_reports
 
     bids_dir, output_dir = args.bids_dir.absolute(), args.output_dir.absolute()
     work_dir = args.work_dir.absolute()
     check_dataset(bids_dir)
     check_paths(bids_dir, output_dir, work_dir)
+    if output_dir.is_dir():  # what a killed run left half-written
+        from ..interfaces.io import remove_stale_temporaries
+
+        for path in remove_stale_temporaries(output_dir):
+            LOGGER.info("Removed %s, left by an interrupted run", path)
     if args.reports_only:
         return build_reports(args, output_dir, bids_dir, errors={})
     device = resolve_device(args.device)
@@ -285,7 +297,9 @@ def run_participant(args) -> int:
     runs, run_errors, notes = collect_runs(
         bids_dir, work_dir, args.participant_label, args.session_label, args.task_id, filters,
         validate=not args.skip_bids_validation)
-    for note in notes:
+    runs, header_errors, header_notes = screen_runs(runs, args.mem)
+    run_errors += header_errors
+    for note in notes + header_notes:
         LOGGER.warning(note)
     attach_reference_masks(runs, args, bids_dir)
 
@@ -353,7 +367,17 @@ def run_participant(args) -> int:
               f"{n_total - n_failed} finished. Outputs in {output_dir}", file=sys.stderr)
         return 1
     print(f"unimo-bids: finished {len(runs)} series. Outputs in {output_dir}")
+    LOGGER.info("Peak memory of the largest process: %.2f GB", peak_memory_gb())
     return 0
+
+
+def peak_memory_gb() -> float:
+    """Largest resident set of this process or of any of its finished workers (GB)."""
+    import resource
+
+    kilobytes = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return kilobytes / 1024**2
 
 
 def write_graph(workflow, work_dir: Path) -> None:
@@ -422,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"unimo-bids: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a disk that filled up, or a folder made read-only mid-run
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"unimo-bids: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # The dying worker pool reports its broken futures; the line below says it all.
         logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)

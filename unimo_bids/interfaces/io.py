@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -33,13 +34,37 @@ def inside(path: Path, root: Path) -> bool:
 
 
 def _copy(src: str, dst: Path, compress: bool) -> None:
-    """Copy src to dst, gzip-compressing it (deterministically: mtime 0) when asked."""
+    """Copy src to dst, gzip-compressing it when asked, deterministically: the gzip header
+    holds no time and no file name (dst is a temporary name that differs between runs)."""
     if compress:
         with open(src, "rb") as fin, open(dst, "wb") as raw, \
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as fout:
+                gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1,
+                              mtime=0) as fout:  # no name, no time: same data, same bytes
             shutil.copyfileobj(fin, fout, length=1 << 22)
     else:
         shutil.copyfile(src, dst)
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove temporary files that ``write_atomically`` left under ``root`` when its process
+    was killed: those of this host whose process no longer runs (other hosts' and live
+    processes' files may belong to parallel jobs writing into the same folder)."""
+    host = socket.gethostname()
+    removed = []
+    for path in root.rglob(".*.tmp"):
+        parts = path.name.rsplit(".", 3)  # '.<name>', host, pid, 'tmp'
+        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def write_atomically(targets: dict[Path, object]) -> list[Path]:
@@ -53,7 +78,8 @@ def write_atomically(targets: dict[Path, object]) -> list[Path]:
     try:
         for final, content in targets.items():
             final.parent.mkdir(parents=True, exist_ok=True)
-            temp = final.parent / f".{final.name}.tmp{os.getpid()}"
+            # unique across processes and hosts: parallel jobs may share the output folder
+            temp = final.parent / f".{final.name}.{socket.gethostname()}.{os.getpid()}.tmp"
             staged.append((temp, final))
             if isinstance(content, dict):
                 temp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")

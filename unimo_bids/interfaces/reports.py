@@ -85,13 +85,20 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # Reproducible SVG: fixed element ids instead of random ones, and no date (below).
+    matplotlib.rcParams["svg.hashsalt"] = "unimo-bids"
     import matplotlib.pyplot as plt
 
     return plt
 
 
+# No creation date in SVG/PDF figures: the same data give the same bytes.
+_NO_DATE = {"Date": None}
+
+
 def _savefig(fig, path):
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight", facecolor=fig.get_facecolor())
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight", facecolor=fig.get_facecolor(),
+                metadata=_NO_DATE)
     _pyplot().close(fig)
     return str(path)
 
@@ -837,7 +844,7 @@ def _metric_plot_uri(table: pd.DataFrame, col: str) -> str:
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata=_NO_DATE)
     plt.close(fig)
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 

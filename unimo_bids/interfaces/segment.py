@@ -21,9 +21,11 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
+from ..unimo.devices import fitting_chunk, run_with_memory_fallback
 from ..unimo.segment import brain_mask, reference_mask
 from ..unimo.segnet import load_segmenter, segment_with_model
 from ..unimo.shape import signed_distance
+from .unimo import use_gpu_trait
 
 
 def _out_path(in_file: str, suffix: str, cwd: str) -> str:
@@ -104,6 +106,7 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
                                        "unimo-bids-train-seg); default: classical masks")
     device = traits.Str("cpu", usedefault=True, desc="torch device of the segmenter")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    use_gpu = use_gpu_trait()
 
 
 class _SegmentOutputSpec(TraitedSpec):
@@ -141,14 +144,21 @@ class Segment(SimpleInterface):
         if self.inputs.seg_model:
             torch.set_num_threads(max(self.inputs.num_threads, 1))
             model, _ = load_segmenter(self.inputs.seg_model, self.inputs.device)
-            masks = segment_with_model(model, vols, img.affine, device=self.inputs.device)
-            ref_mask = user_mask if user_mask is not None else segment_with_model(
-                model, ref_data[None], ref.affine, device=self.inputs.device)[0]
+
+            def segment(device, chunk):
+                model.to(device)
+                masks = segment_with_model(model, vols, img.affine, device=device, chunk=chunk)
+                return masks, (user_mask if user_mask is not None else segment_with_model(
+                    model, ref_data[None], ref.affine, device=device)[0])
+
+            masks, ref_mask = run_with_memory_fallback(
+                segment, self.inputs.device, fitting_chunk(self.inputs.device, img.shape, 4),
+                cpu_chunk_size=4)
         else:
             masks = brain_mask(vols, _voxel_size(img))
             ref_mask = (user_mask if user_mask is not None
                         else reference_mask(ref_data, _voxel_size(ref)))
-        del vols
+        vols = None  # freed before the masks are written
         masks = masks[0] if len(img.shape) == 3 else np.moveaxis(masks, 0, -1)
         self._results["out_masks"] = _save_like(
             masks, img, np.uint8, _out_path(self.inputs.in_file, "_masks", runtime.cwd))

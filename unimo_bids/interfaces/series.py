@@ -20,7 +20,11 @@ from ..unimo.reference import detect_non_steady_state, select_reference
 
 
 class SeriesError(ValueError):
-    """A series that cannot be processed; the message names the file and the problem."""
+    """A series that cannot be processed; the message names the file and the problem, on one
+    line (the messages of the libraries it quotes may span several)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 def load_series(path: str):
@@ -35,7 +39,84 @@ def load_series(path: str):
         data = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as err:
         raise SeriesError(f"{path}: truncated or corrupt image data ({err})") from None
+    except (MemoryError, OverflowError) as err:  # absurd dimensions or offsets in the header
+        raise SeriesError(f"{path}: the header's dimensions {img.shape} or data offset cannot "
+                          f"be read ({type(err).__name__})") from None
+    except TypeError as err:  # e.g. RGB voxels, which have no float32 value
+        raise SeriesError(f"{path}: voxel type {img.get_data_dtype()} cannot be read as numbers "
+                          f"({err})") from None
     return img, data
+
+
+# Peak memory of a series' workflow: the rigid step holds about 4 float32 copies of the series
+# (the mem_gb its node declares), plus torch, nipype and the engine's working grids.
+SERIES_COPIES_AT_PEAK = 4
+BASE_MEMORY_GB = 1.0
+MAX_ANISOTROPY = 8.0  # beyond this voxel side ratio, say that through-plane motion is coarse
+
+
+def estimated_peak_gb(shape) -> float:
+    """Estimated peak memory (GB) of processing a series of this shape."""
+    return BASE_MEMORY_GB + SERIES_COPIES_AT_PEAK * 4 * float(np.prod(shape)) / 1024**3
+
+
+def screen_header(path: str, memory_gb: float) -> list[str]:
+    """Checks on the NIfTI header alone, before any work.
+
+    Raises SeriesError when the series would need more than ``memory_gb``; returns warnings
+    (one line each, naming the file) for a qform that disagrees with the sform, a shearing
+    affine, and extremely anisotropic voxels. Unreadable headers are left to ValidateSeries.
+    """
+    try:
+        img = nb.load(path)
+    except Exception:
+        return []
+    # nibabel replaces zero voxel sizes by 1 when it loads a header: read the stored ones.
+    stored = raw_voxel_size(path)
+    if stored is not None and not (np.all(np.isfinite(stored)) and np.all(stored > 0)):
+        raise SeriesError(f"{path}: invalid voxel size {tuple(float(v) for v in stored)} mm in "
+                          "the header (pixdim)")
+    need = estimated_peak_gb(img.shape)
+    if need > memory_gb:
+        shape = "x".join(str(n) for n in img.shape)
+        raise SeriesError(f"{path}: a {shape} series needs about {need:.1f} GB of memory, more "
+                          f"than the {memory_gb:.1f} GB allowed (--mem, else the machine's "
+                          "memory); raise --mem or split the series")
+    warnings = []
+    header = img.header
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qcode > 0 and scode > 0:
+        gap = float(np.abs(qform - sform).max())
+        if gap > 1e-3:
+            warnings.append(f"{path}: the qform and the sform disagree (by up to {gap:.3g} mm or "
+                            "units); the sform is used, as nibabel does")
+    axes = np.asarray(img.affine[:3, :3], dtype=float)
+    lengths = np.linalg.norm(axes, axis=0)
+    if np.all(lengths > 0) and np.all(np.isfinite(axes)):
+        cosines = (axes / lengths).T @ (axes / lengths)
+        shear = float(np.degrees(np.arcsin(np.clip(np.abs(cosines - np.eye(3)).max(), 0, 1))))
+        if shear > 0.5:
+            warnings.append(f"{path}: the affine shears the voxel grid (axes {shear:.1f} degrees "
+                            "from orthogonal); motion is estimated and applied in world "
+                            "coordinates, so the shear is kept")
+    zooms = np.asarray(header.get_zooms()[:3], dtype=float)
+    if np.all(zooms > 0) and zooms.max() / zooms.min() > MAX_ANISOTROPY:
+        warnings.append(f"{path}: voxels of {' x '.join(f'{z:g}' for z in zooms)} mm (ratio "
+                        f"{zooms.max() / zooms.min():.0f}); motion across the thick slices is "
+                        "resolved less finely than within them")
+    return warnings
+
+
+def raw_voxel_size(path: str):
+    """pixdim[1:4] as stored in a NIfTI-1 file (no fixes applied), or None if unreadable."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            header = nb.Nifti1Header.from_fileobj(handle, check=False)
+        return np.asarray(header["pixdim"][1:4], dtype=float)
+    except Exception:
+        return None
 
 
 def resolve_repetition_time(path: str, header, sidecar_tr: float | None) -> float:

@@ -38,6 +38,7 @@ from nipype.interfaces.base import (
 
 from ..unimo.template import MIN_DICE, check_reference_mask, fit_template_mask
 from .segment import _out_path, _save_like
+from .unimo import use_gpu_trait
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -170,6 +171,7 @@ class _TemplatePriorInputSpec(BaseInterfaceInputSpec):
                             desc="the reference mask is kept when its Dice with the registered "
                                  "template mask reaches this")
     device = traits.Str("cpu", usedefault=True, desc="torch device")
+    use_gpu = use_gpu_trait()
     # The fit moves a few thousand points: a second thread gains nothing, and OpenMP threads
     # that wait for a busy core slow it tenfold or more (measured on 2 shared cores).
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")

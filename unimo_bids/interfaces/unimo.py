@@ -21,6 +21,7 @@ from nitransforms.linear import LinearTransformsMapping
 
 from ..unimo.deform import estimate_deformation
 from ..unimo.deform_net import load_predictor, predict_from_masks
+from ..unimo.devices import fitting_chunk, run_with_memory_fallback
 from ..unimo.geometry import grid_center, mean_displacement, motion_parameters, world_points
 from ..unimo.hmc import apply_head_motion, estimate_head_motion
 from ..unimo.network import load_network
@@ -87,6 +88,14 @@ def _set_threads(num_threads: int, seed: int | None) -> None:
         torch.set_num_threads(num_threads)
     if seed is not None:
         torch.manual_seed(seed)
+        # With a seed, CPU results are bitwise reproducible (GPU kernels may still differ).
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def use_gpu_trait():
+    """The input nipype's MultiProc reads to count a node against ``n_gpu_procs``."""
+    return traits.Bool(False, usedefault=True,
+                       desc="the node runs on a GPU (nipype schedules it in a GPU slot)")
 
 
 def network_diagnostics(result, affine, mask) -> dict:
@@ -141,6 +150,7 @@ class _UniMoRigidInputSpec(BaseInterfaceInputSpec):
                                       "track the mask (see unimo.tracking)")
     in_masks = File(exists=True, desc="moving-anatomy mode: 4D segmentation of each volume, "
                                       "checked against the tracked masks")
+    use_gpu = use_gpu_trait()
 
 
 class _UniMoRigidOutputSpec(TraitedSpec):
@@ -174,8 +184,11 @@ class UniMoRigid(SimpleInterface):
                 volume_masks = np.asarray(nb.load(self.inputs.in_masks).dataobj) > 0
                 volume_masks = np.ascontiguousarray(np.moveaxis(
                     volume_masks.reshape(series.shape), -1, 0))
-            tracked = track_moving_anatomy(series, img.affine, reference, mask, volume_masks,
-                                           network=network, device=self.inputs.device)
+            tracked = run_with_memory_fallback(
+                lambda device, chunk: track_moving_anatomy(
+                    series, img.affine, reference, mask, volume_masks, network=network,
+                    device=device, chunk_size=chunk),
+                self.inputs.device, fitting_chunk(self.inputs.device, series.shape, 64))
             result = tracked.motion
             masks_path = os.path.join(runtime.cwd, "tracked_masks.nii")
             header = img.header.copy()
@@ -186,9 +199,11 @@ class UniMoRigid(SimpleInterface):
             out.to_filename(masks_path)
             self._results["out_masks"] = masks_path
         else:
-            result = estimate_head_motion(series, img.affine, reference, mask, shapes,
-                                          shape_ref, device=self.inputs.device,
-                                          network=network, refine=self.inputs.refine)
+            result = run_with_memory_fallback(
+                lambda device, chunk: estimate_head_motion(
+                    series, img.affine, reference, mask, shapes, shape_ref, device=device,
+                    chunk_size=chunk, network=network, refine=self.inputs.refine),
+                self.inputs.device, fitting_chunk(self.inputs.device, series.shape, 64))
 
         self._results["out_transforms"] = os.path.join(runtime.cwd, "hmc_transforms.npy")
         np.save(self._results["out_transforms"], result.transforms)
@@ -218,6 +233,7 @@ class _ApplyInputSpec(BaseInterfaceInputSpec):
                                        "with the transforms into one interpolation")
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
+    use_gpu = use_gpu_trait()
 
 
 class _ApplyOutputSpec(TraitedSpec):
@@ -239,8 +255,11 @@ class ApplyHeadMotion(SimpleInterface):
         fields = field_affine = None
         if self.inputs.in_fields:
             fields, field_affine = load_fields(self.inputs.in_fields)
-        corrected = apply_head_motion(series, img.affine, transforms, device=self.inputs.device,
-                                      fields=fields, field_affine=field_affine)
+        corrected = run_with_memory_fallback(
+            lambda device, chunk: apply_head_motion(series, img.affine, transforms, device=device,
+                                                    chunk_size=chunk, fields=fields,
+                                                    field_affine=field_affine),
+            self.inputs.device, fitting_chunk(self.inputs.device, series.shape, 64, 8))
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         self._results["out_file"] = os.path.join(runtime.cwd, "preproc.nii.gz")
@@ -323,6 +342,7 @@ class _UniMoDeformInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     seed = traits.Either(None, traits.Int, default=None, usedefault=True)
+    use_gpu = use_gpu_trait()
 
 
 class _UniMoDeformOutputSpec(TraitedSpec):
@@ -341,14 +361,22 @@ class UniMoDeform(SimpleInterface):
     def _run_interface(self, runtime):
         img, series, reference, mask = _series_inputs(self.inputs)
         options = {"iterations": self.inputs.iterations} if self.inputs.iterations >= 0 else {}
+        net = None
         if self.inputs.use_predictor:
             net = load_predictor(self.inputs.predictor, self.inputs.device)
-            options["predictor"] = functools.partial(predict_from_masks, net)
             if self.inputs.in_masks:
                 options["masks"] = np.asarray(nb.load(self.inputs.in_masks).dataobj) > 0
-        deformation = estimate_deformation(series, img.affine, reference, mask,
-                                           np.load(self.inputs.in_transforms),
-                                           device=self.inputs.device, **options)
+        transforms = np.load(self.inputs.in_transforms)
+
+        def deform(device, chunk):
+            if net is not None:  # on the device of this attempt
+                options["predictor"] = functools.partial(predict_from_masks, net.to(device))
+            return estimate_deformation(series, img.affine, reference, mask, transforms,
+                                        device=device, chunk_size=chunk, **options)
+
+        deformation = run_with_memory_fallback(
+            deform, self.inputs.device, fitting_chunk(self.inputs.device, series.shape, 16),
+            cpu_chunk_size=16)
         self._results["out_fields"] = save_fields(
             deformation, os.path.join(runtime.cwd, "deform_fields.nii.gz"))
 

@@ -52,6 +52,11 @@ def _correlation(volumes: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (v @ t) / (np.linalg.norm(v, axis=1) * np.linalg.norm(t) + 1e-12)
 
 
+# Volumes compared at once: 'auto' picks among at most this many evenly spaced steady-state
+# volumes, and 'mean' aligns this many at a time, so memory does not grow with the series.
+MAX_CANDIDATES = 64
+
+
 def rough_align(series: np.ndarray, affine, reference: np.ndarray, weight=None) -> np.ndarray:
     """Coarse rigid alignment of every volume to ``reference``; returns aligned (T, X, Y, Z)."""
     moving = torch.as_tensor(np.moveaxis(series, -1, 0), dtype=torch.float32)[:, None]
@@ -63,6 +68,13 @@ def rough_align(series: np.ndarray, affine, reference: np.ndarray, weight=None) 
     return resample(moving, maps, reference.shape)[:, 0].numpy()
 
 
+def evenly_spaced(indices: np.ndarray, at_most: int) -> np.ndarray:
+    """At most ``at_most`` entries of ``indices``, evenly spaced, first and last included."""
+    if len(indices) <= at_most:
+        return indices
+    return indices[np.unique(np.linspace(0, len(indices) - 1, at_most).round().astype(int))]
+
+
 def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
     """Pick the head-motion reference of a series.
 
@@ -70,7 +82,9 @@ def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
     mode: 'first' / 'middle' steady-state volume, an explicit volume index, 'mean' (mean of the
         roughly aligned steady-state volumes), or 'auto': the volume closest (correlation) to the
         median of the roughly aligned steady-state series, so that neither a moved nor a
-        non-steady-state volume becomes the reference.
+        non-steady-state volume becomes the reference. Long series: 'auto' looks at
+        ``MAX_CANDIDATES`` evenly spaced steady-state volumes, and 'mean' aligns them that many
+        at a time, so that memory stays bounded.
     Returns (reference (X, Y, Z) float32, index of the chosen volume or None for 'mean').
     """
     mode = parse_reference_mode(mode)
@@ -86,13 +100,17 @@ def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
         index = int(steady[len(steady) // 2])
         return series[..., index].astype(np.float32), index
 
-    data = series[..., steady].astype(np.float32)
-    flat = np.moveaxis(data, -1, 0).reshape(len(steady), -1)
-    seed = int(np.argmax(_correlation(flat, np.median(flat, axis=0))))
-    aligned = rough_align(data, affine, data[..., seed])
+    candidates = evenly_spaced(steady, MAX_CANDIDATES)
+    data = series[..., candidates].astype(np.float32)
+    flat = np.moveaxis(data, -1, 0).reshape(len(candidates), -1)
+    seed = data[..., int(np.argmax(_correlation(flat, np.median(flat, axis=0))))]
     if mode == "mean":
-        return aligned.mean(axis=0).astype(np.float32), None
-    aligned_flat = aligned.reshape(len(steady), -1)
+        total = np.zeros(series.shape[:3], dtype=np.float64)
+        for start in range(0, len(steady), MAX_CANDIDATES):
+            chunk = series[..., steady[start:start + MAX_CANDIDATES]].astype(np.float32)
+            total += rough_align(chunk, affine, seed).sum(axis=0)
+        return (total / len(steady)).astype(np.float32), None
+    aligned_flat = rough_align(data, affine, seed).reshape(len(candidates), -1)
     scores = _correlation(aligned_flat, np.median(aligned_flat, axis=0))
-    index = int(steady[int(np.argmax(scores))])
+    index = int(candidates[int(np.argmax(scores))])
     return series[..., index].astype(np.float32), index

@@ -216,15 +216,21 @@ volume ({ref}). {masks}{network}{refinement}
         HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans,
                      source_file=bold_file),
         name="hmc_reference", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
-    segment = pe.Node(Segment(device=device, num_threads=omp_nthreads), name="segment",
-                      mem_gb=3 * mem_gb, n_procs=omp_nthreads)
+    # On a GPU, a node takes one of MultiProc's n_gpu_procs slots (nipype counts a GPU node's
+    # n_procs in GPU slots too), so that --gpu-procs N runs N of them at once.
+    on_gpu = device.startswith("cuda")
+    gpu_procs = 1 if on_gpu else omp_nthreads
+    segment_on_gpu = on_gpu and bool(seg_model)
+    segment = pe.Node(Segment(device=device, num_threads=omp_nthreads, use_gpu=segment_on_gpu),
+                      name="segment", mem_gb=3 * mem_gb,
+                      n_procs=1 if segment_on_gpu else omp_nthreads)
     if ref_mask:
         segment.inputs.ref_mask = ref_mask
     if seg_model:
         segment.inputs.seg_model = seg_model
     if template and not ref_mask:
         # one thread: two gain nothing on a fit this small, and stall under load
-        reference_mask = pe.Node(TemplatePrior(template=template, device=device),
+        reference_mask = pe.Node(TemplatePrior(template=template, device=device, use_gpu=on_gpu),
                                  name="template_prior", mem_gb=0.5)
         if template_home:
             reference_mask.inputs.template_home = template_home
@@ -236,10 +242,10 @@ volume ({ref}). {masks}{network}{refinement}
     reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
     unimo_rigid = pe.Node(
         UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed, weights=weights,
-                   refine=refine, moving_anatomy=moving_anatomy),
-        name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
-    apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads),
-                        name="apply_hmc", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
+                   refine=refine, moving_anatomy=moving_anatomy, use_gpu=on_gpu),
+        name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=gpu_procs)
+    apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads, use_gpu=on_gpu),
+                        name="apply_hmc", mem_gb=3 * mem_gb, n_procs=gpu_procs)
     confounds = pe.Node(
         SeriesConfounds(fd_radius=fd_radius, fd_spike_threshold=fd_spike_threshold,
                         dvars_spike_threshold=dvars_spike_threshold),
@@ -276,8 +282,8 @@ volume ({ref}). {masks}{network}{refinement}
     if deformable:
         unimo_deform = pe.Node(UniMoDeform(device=device, num_threads=omp_nthreads, seed=seed,
                                            predictor=deform_weights,
-                                           use_predictor=deform_predictor),
-                               name="unimo_deform", mem_gb=4 * mem_gb, n_procs=omp_nthreads)
+                                           use_predictor=deform_predictor, use_gpu=on_gpu),
+                               name="unimo_deform", mem_gb=4 * mem_gb, n_procs=gpu_procs)
         nodes["unimo_deform"] = unimo_deform
         # The predictor's moving shapes: the masks the rigid step registered.
         if moving_anatomy:
