@@ -389,3 +389,14 @@ def test_file_name_that_is_not_utf8_fails_alone(small_dataset, tmp_path, capsys)
     assert len(errors) == 1 and "sub-01_task-caf\\xe9_bold.nii.gz" in errors[0]
     assert "not valid UTF-8" in errors[0]
     assert (tmp_path / "out" / FUNC / "sub-01_task-a_desc-preproc_bold.nii.gz").is_file()
+
+
+def test_dataset_reached_through_a_symlink_is_processed(small_dataset, tmp_path, capsys):
+    """A BIDS folder given by a path through a symlink (common on clusters): the name check
+    used to compare pybids' unresolved paths with the resolved root and crash."""
+    link = tmp_path / "link"
+    link.symlink_to(small_dataset / "bids", target_is_directory=True)
+    code, err = _cli(capsys, link, tmp_path / "out", "participant", "-w", tmp_path / "work",
+                     "--nprocs", "1")
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "out" / FUNC / "sub-01_task-a_desc-preproc_bold.nii.gz").is_file()

@@ -82,7 +82,8 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 def load_filters(path: Path | None) -> dict:
-    """Read a --bids-filter-file: a JSON object whose 'bold' entry holds pybids filters."""
+    """Read a --bids-filter-file: a JSON object whose 'bold' (or 'dwi', 'asl', 'pet') entry
+    holds pybids filters."""
     if path is None:
         return {}
     try:
@@ -92,9 +93,11 @@ def load_filters(path: Path | None) -> dict:
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise UsageError(f"{path}: the BIDS filter file must map query names (e.g. 'bold') to "
                          "objects of entity filters")
-    unknown = set(filters) - {"bold"}
+    known = {suffix for suffixes in SERIES_SUFFIXES.values() for suffix in suffixes}
+    unknown = set(filters) - known
     if unknown:
-        raise UsageError(f"{path}: unknown query name(s) {sorted(unknown)}; use 'bold'")
+        raise UsageError(f"{path}: unknown query name(s) {sorted(unknown)}; use "
+                         f"{', '.join(repr(k) for k in sorted(known))}")
     return filters
 
 
@@ -105,7 +108,8 @@ def validate_names(layout, bids_dir: Path) -> list[str]:
     validator = BIDSValidator()
     problems = []
     for path in layout.get(return_type="filename"):
-        relative = "/" + Path(path).relative_to(bids_dir.resolve()).as_posix()
+        # pybids keeps the root as given: through a symlink, not resolved
+        relative = "/" + Path(os.path.relpath(path, layout.root)).as_posix()
         if relative.startswith(("/derivatives/", "/sourcedata/", "/code/")):
             continue
         if not validator.is_bids(relative):
@@ -121,8 +125,10 @@ def collect_runs(
     task_ids: list[str] | None = None,
     filters: dict | None = None,
     validate: bool = True,
+    datatypes: tuple[str, ...] = ("func",),
+    suffixes: list[str] | None = None,
 ) -> tuple[list[SeriesRun], list[str], list[str]]:
-    """Every BOLD series that the selection keeps.
+    """Every series of the chosen datatypes (``SERIES_SUFFIXES``) that the selection keeps.
 
     Returns (runs, errors, warnings): errors are (subject, one-line message) about single series
     that cannot be processed (e.g. a malformed sidecar); they do not stop the other series.
@@ -160,19 +166,26 @@ def collect_runs(
                              f"{', '.join('sub-' + s for s in sorted(subjects)) or 'none'}")
     else:
         labels = sorted(subjects)
-    query = {"datatype": "func", "suffix": "bold", "extension": [".nii", ".nii.gz"]}
-    query.update((filters or {}).get("bold", {}))
-    query["subject"] = labels
-    if session_labels:
-        query["session"] = sorted({clean_label(s, "session") for s in session_labels})
-    if task_ids:
-        query["task"] = list(task_ids)
-    try:
-        files = layout.get(return_type="filename", **query)
-    except Exception as err:
-        raise UsageError(f"the BIDS filters {query} are not valid for pybids ({err})") from None
+    kinds = [(datatype, suffix) for datatype in datatypes for suffix in SERIES_SUFFIXES[datatype]
+             if not suffixes or suffix in suffixes]
+    files, queries = [], []
+    for datatype, suffix in kinds:
+        query = {"datatype": datatype, "suffix": suffix, "extension": [".nii", ".nii.gz"]}
+        query.update((filters or {}).get(suffix, {}))
+        query["subject"] = labels
+        if session_labels:
+            query["session"] = sorted({clean_label(s, "session") for s in session_labels})
+        if task_ids and datatype in ("func", "perf", "pet"):
+            query["task"] = list(task_ids)
+        try:
+            files += layout.get(return_type="filename", **query)
+        except Exception as err:
+            raise UsageError(f"the BIDS filters {query} are not valid for pybids ({err})") \
+                from None
+        queries.append(query)
     if not files:
-        raise UsageError(f"{bids_dir}: no BOLD series match the selection {query}")
+        raise UsageError(f"{bids_dir}: no series match the selection "
+                         f"{queries[0] if len(queries) == 1 else queries}")
 
     runs, errors = [], []
     for path in sorted(files):
@@ -193,14 +206,68 @@ def collect_runs(
         if problem:
             errors.append((subject, f"{path}: {problem}"))
             continue
-        runs.append(SeriesRun(path=path, subject=subject, metadata=dict(metadata)))
+        run = SeriesRun(path=path, subject=subject, metadata=dict(metadata),
+                        suffix=layout.parse_file_entities(path)["suffix"])
+        try:
+            describe_series_kind(run, layout)
+        except UsageError as err:
+            errors.append((subject, str(err)))
+            continue
+        runs.append(run)
+    if any(run.suffix == "dwi" for run in runs):
+        warnings.append("DWI is experimental: volumes with b > 0 are registered to the b=0 "
+                        "reference across contrast, which no test here can check against "
+                        "ground truth; look at their motion in the confounds (README, "
+                        "'Other datatypes')")
+    wanted = tuple(f"_{suffix}{ext}" for _, suffix in kinds for ext in (".nii.gz", ".nii"))
     for path in bad_names:
         subject = re.search(r"sub-([a-zA-Z0-9]+)", str(path))
-        if path.name.endswith(("_bold.nii.gz", "_bold.nii")) and subject and \
-                subject.group(1) in labels:
+        if path.name.endswith(wanted) and subject and subject.group(1) in labels:
             errors.append((subject.group(1), f"{printable(path)}: the file name is not valid "
                                              "UTF-8 (pybids cannot index it); rename it"))
     return runs, errors, warnings
+
+
+# The series each --datatypes value brings, by BIDS suffix.
+SERIES_SUFFIXES = {"func": ("bold",), "dwi": ("dwi",), "perf": ("asl",), "pet": ("pet",)}
+
+
+def describe_series_kind(run: SeriesRun, layout) -> None:
+    """What the workflow needs to know about a series beyond BOLD (sets fields of ``run``).
+
+    DWI: its .bval/.bvec (BIDS inheritance), and the b=0 volumes as reference candidates; no
+    repetition time needed. ASL: the control volumes of its aslcontext.tsv as reference
+    candidates (the label/control alternation then never enters the reference). PET: no
+    repetition time needed. Raises UsageError (one line, naming the file) for a DWI series
+    without a gradient table.
+    """
+    import numpy as np
+
+    from ..unimo.dwi import b0_indices
+
+    if run.suffix == "dwi":
+        run.require_tr = False
+        try:
+            bval, bvec = layout.get_bval(run.path), layout.get_bvec(run.path)
+        except Exception:
+            bval = bvec = None
+        if not bval or not bvec:
+            raise UsageError(f"{run.path}: no .bval/.bvec file for this DWI series")
+        run.gradients = (bval, bvec)
+        try:
+            bvals = np.atleast_1d(np.loadtxt(bval, dtype=float)).ravel()
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{bval}: cannot read the b-values ({err})") from None
+        run.reference_candidates = b0_indices(bvals).tolist() or None
+    elif run.suffix == "asl":
+        context = Path(re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", run.path))
+        if context.is_file():
+            kinds = [line.strip() for line in context.read_text().splitlines()[1:]
+                     if line.strip()]
+            run.reference_candidates = [i for i, kind in enumerate(kinds)
+                                        if kind == "control"] or None
+    elif run.suffix == "pet":
+        run.require_tr = False
 
 
 def metadata_problem(metadata) -> str | None:

@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sessions to process (with or without 'ses-')")
     g_bids.add_argument("-t", "--task-id", nargs="+", default=None, metavar="TASK",
                         help="tasks to process")
+    g_bids.add_argument("--datatypes", nargs="+", default=["func"],
+                        choices=["func", "dwi", "perf", "pet"], metavar="DATATYPE",
+                        help="datatypes to correct: func (BOLD, the default), dwi, perf (ASL), "
+                             "pet")
+    g_bids.add_argument("--suffix", nargs="+", default=None, metavar="SUFFIX",
+                        help="only series with these BIDS suffixes (bold, dwi, asl, pet)")
     g_bids.add_argument("--bids-filter-file", type=Path, default=None, metavar="FILE",
                         help="JSON of pybids filters, e.g. {\"bold\": {\"run\": 1}}")
     g_bids.add_argument("--skip-bids-validation", action="store_true",

@@ -296,7 +296,8 @@ def run_participant(args) -> int:
     settings = plugin_settings(args)  # validate the plugin file before any work
     runs, run_errors, notes = collect_runs(
         bids_dir, work_dir, args.participant_label, args.session_label, args.task_id, filters,
-        validate=not args.skip_bids_validation)
+        validate=not args.skip_bids_validation, datatypes=tuple(args.datatypes),
+        suffixes=args.suffix)
     runs, header_errors, header_notes = screen_runs(runs, args.mem)
     run_errors += header_errors
     for note in notes + header_notes:
@@ -345,10 +346,12 @@ def run_participant(args) -> int:
             # nipype's scheduler calls gc.collect() at every step; with torch and nilearn
             # loaded each call costs ~0.5 s unless the start-up objects are frozen first.
             gc.freeze()
+            quiet_workers_on_sigint(settings)
             workflow.run(**settings)
     except Exception as err:  # nipype re-raises the first node error; crash files hold all
         failure = err
     finally:
+        os.environ.pop("UNIMO_BIDS_FORKSERVER", None)
         progress.close()
     errors = collect_crashes(crash_dir, runs) if crash_dir.exists() else {}
     if failure is not None and not errors:
@@ -378,6 +381,17 @@ def peak_memory_gb() -> float:
     kilobytes = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return kilobytes / 1024**2
+
+
+def quiet_workers_on_sigint(settings: dict) -> None:
+    """MultiProc workers from a forkserver ignore SIGINT (see ``cli.worker_signals``); the
+    forkserver starts during the run and reads the flag from its environment."""
+    import multiprocessing
+
+    if settings["plugin"] == "MultiProc" and \
+            settings["plugin_args"].get("mp_context") == "forkserver":
+        os.environ["UNIMO_BIDS_FORKSERVER"] = "1"
+        multiprocessing.set_forkserver_preload(["unimo_bids.cli.worker_signals"])
 
 
 def write_graph(workflow, work_dir: Path) -> None:

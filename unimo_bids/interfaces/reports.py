@@ -599,7 +599,8 @@ def _markdown_html(text: str) -> str:
 
 
 def _repetition_time(qc_file: Path, prefix: str) -> float | None:
-    sidecar = qc_file.with_name(prefix + "desc-preproc_bold.json")
+    suffix = qc_file.name.rsplit("_", 1)[-1]  # 'bold.json', 'dwi.json', ...
+    sidecar = qc_file.with_name(prefix + "desc-preproc_" + suffix)
     try:
         tr = float(json.loads(sidecar.read_text())["RepetitionTime"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -656,7 +657,7 @@ def _figure_desc(name: str) -> str | None:
 def build_subject_report(output_dir, subject: str, summary: dict, errors: list[str]) -> Path:
     """Write ``<output_dir>/sub-<subject>.html`` and return its path.
 
-    Sections: Summary (``summary``), one section per ``*_desc-qc_bold.json`` found under
+    Sections: Summary (``summary``), one section per ``*_desc-qc_<suffix>.json`` found under
     ``<output_dir>/sub-<subject>/`` (QC table + the figures of ``sub-<subject>/figures/`` whose
     name starts with that run's source prefix, linked relatively), Methods
     (``logs/CITATION.md``) and Errors. Every value is HTML-escaped. Written atomically.
@@ -668,9 +669,10 @@ def build_subject_report(output_dir, subject: str, summary: dict, errors: list[s
     fig_dir = subj_dir / "figures"
 
     qc_files = sorted(
-        p for p in subj_dir.rglob("*_desc-qc_bold.json") if fig_dir not in p.parents
+        p for p in subj_dir.rglob("*_desc-qc_*.json") if fig_dir not in p.parents
     ) if subj_dir.is_dir() else []
-    prefixes = {p: p.name[: -len("desc-qc_bold.json")] for p in qc_files}
+    # 'sub-01_task-a_desc-qc_bold.json' -> 'sub-01_task-a_' (any series suffix)
+    prefixes = {p: p.name[: p.name.index("desc-qc_")] for p in qc_files}
 
     # Each figure belongs to the run with the longest matching source prefix, so that
     # ``sub-01_task-a_`` does not claim the figures of ``sub-01_task-a_run-1_``.

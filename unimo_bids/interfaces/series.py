@@ -171,6 +171,9 @@ class _ValidateSeriesInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="4D series as found in the BIDS dataset")
     repetition_time = traits.Either(None, traits.Float, default=None, usedefault=True,
                                     desc="RepetitionTime from the sidecar, if any")
+    require_tr = traits.Bool(True, usedefault=True,
+                             desc="fail without a repetition time (time series: BOLD, ASL); "
+                                  "DWI and PET series go on without one")
 
 
 class _ValidateSeriesOutputSpec(TraitedSpec):
@@ -193,11 +196,17 @@ class ValidateSeries(SimpleInterface):
         validate_series(self.inputs.in_file, img, data)
         if data.ndim == 5:
             data = data[..., 0, :]
-        tr = resolve_repetition_time(self.inputs.in_file, img.header, self.inputs.repetition_time)
+        try:
+            tr = resolve_repetition_time(self.inputs.in_file, img.header,
+                                         self.inputs.repetition_time)
+        except SeriesError:
+            if self.inputs.require_tr:
+                raise
+            tr = 0.0  # unknown; nothing downstream needs it for these series
         header = img.header.copy()
         header.set_data_dtype(np.float32)
         header.set_xyzt_units(xyz=header.get_xyzt_units()[0] or "mm", t="sec")
-        header.set_zooms(tuple(header.get_zooms()[:3]) + (tr,))
+        header.set_zooms(tuple(header.get_zooms()[:3]) + (tr or 1.0,))
         out = nb.Nifti1Image(data, img.affine, header)
         out.header.set_slope_inter(1.0, 0.0)
         self._results["out_file"] = os.path.join(runtime.cwd, "series.nii")
@@ -213,6 +222,9 @@ class _ReferenceInputSpec(BaseInterfaceInputSpec):
     dummy_scans = traits.Int(-1, usedefault=True,
                              desc="leading non-steady-state volumes; -1 detects them")
     source_file = traits.Str("", usedefault=True, desc="the BIDS file, named in errors")
+    candidates = traits.List(traits.Int, value=[], usedefault=True,
+                             desc="volumes the reference may come from (DWI: b=0; ASL: control); "
+                                  "empty: all")
 
 
 class _ReferenceOutputSpec(TraitedSpec):
@@ -237,7 +249,8 @@ class HMCReference(SimpleInterface):
             raise SeriesError(f"{self.inputs.source_file or self.inputs.in_file}: "
                               f"--dummy-scans {n_dummy} leaves fewer than 2 steady-state "
                               f"volumes of {data.shape[3]}")
-        reference, index = select_reference(data, img.affine, self.inputs.hmc_ref, n_dummy)
+        reference, index = select_reference(data, img.affine, self.inputs.hmc_ref, n_dummy,
+                                            self.inputs.candidates or None)
         header = img.header.copy()
         header.set_data_shape(reference.shape)
         out = nb.Nifti1Image(reference, img.affine, header)

@@ -75,7 +75,8 @@ def evenly_spaced(indices: np.ndarray, at_most: int) -> np.ndarray:
     return indices[np.unique(np.linspace(0, len(indices) - 1, at_most).round().astype(int))]
 
 
-def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
+def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0,
+                     candidates=None):
     """Pick the head-motion reference of a series.
 
     series: (X, Y, Z, T); steady-state volumes are those from ``n_dummy`` on.
@@ -85,11 +86,16 @@ def select_reference(series: np.ndarray, affine, mode="auto", n_dummy: int = 0):
         non-steady-state volume becomes the reference. Long series: 'auto' looks at
         ``MAX_CANDIDATES`` evenly spaced steady-state volumes, and 'mean' aligns them that many
         at a time, so that memory stays bounded.
+    candidates: volume indices the reference may come from (e.g. the b=0 volumes of a DWI
+        series, the control volumes of an ASL series); all steady-state volumes when None.
     Returns (reference (X, Y, Z) float32, index of the chosen volume or None for 'mean').
     """
     mode = parse_reference_mode(mode)
     n_vols = series.shape[-1]
     steady = np.arange(min(n_dummy, n_vols - 1), n_vols)
+    if candidates is not None and len(candidates):
+        allowed = np.intersect1d(steady, np.asarray(candidates, dtype=int))
+        steady = allowed if len(allowed) else steady
     if isinstance(mode, int):
         if mode >= n_vols:
             raise ValueError(f"--hmc-ref {mode} is out of range: the series has {n_vols} volumes")

@@ -18,6 +18,10 @@ class SeriesRun:
     subject: str
     metadata: dict = field(default_factory=dict)
     ref_mask: str | None = None  # the user's mask of the reference volume, if any
+    suffix: str = "bold"  # bold, dwi, asl or pet: names the outputs
+    reference_candidates: list[int] | None = None  # DWI: b=0 volumes; ASL: control volumes
+    require_tr: bool = True  # DWI and PET go on without a repetition time
+    gradients: tuple[str, str] | None = None  # DWI: (bval, bvec) files
 
 
 @dataclass
@@ -93,12 +97,16 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
         workflow.add_nodes([init_series_wf(
             run.path, options.bids_dir, options.output_dir, run.metadata,
             hmc_ref=options.hmc_ref or ("first" if run.ref_mask else "auto"),
-            dummy_scans=options.dummy_scans,
+            # Non-steady-state detection is for BOLD: DWI b=0 volumes or ASL M0 scans are
+            # bright by design, not because T1 saturation has not settled.
+            dummy_scans=options.dummy_scans if run.suffix == "bold" else 0,
             fd_radius=options.fd_radius, fd_spike_threshold=options.fd_spike_threshold,
             dvars_spike_threshold=options.dvars_spike_threshold, device=options.device,
             omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
             refine=options.refine, moving_anatomy=options.moving_anatomy,
             ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
             template_home=options.template_home, deformable=options.deformable,
-            deform_weights=options.deform_weights, deform_predictor=options.deform_predictor)])
+            deform_weights=options.deform_weights, deform_predictor=options.deform_predictor,
+            suffix=run.suffix, reference_candidates=run.reference_candidates,
+            require_tr=run.require_tr, gradients=run.gradients)])
     return workflow

@@ -1,4 +1,4 @@
-"""Head-motion correction workflow for one BOLD series."""
+"""Head-motion correction workflow for one 4D series (BOLD, DWI, ASL, PET)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from ..interfaces.confounds import SeriesConfounds
+from ..interfaces.dwi import RotateGradients, ShellOutliers
 from ..interfaces.io import WriteDerivatives
 from ..interfaces.reports import SeriesReportlets
 from ..interfaces.segment import Segment, ShapeMap
@@ -19,32 +20,45 @@ from ..interfaces.template import TemplatePrior
 from ..interfaces.unimo import ApplyHeadMotion, UniMoDeform, UniMoRigid
 from ..unimo import epdiff
 
-# Derivative name (after the source entities) -> (node, output) that produces it.
-SERIES_OUTPUTS = {
-    "desc-preproc_bold.nii.gz": ("apply_hmc", "out_file"),
-    "desc-hmc_boldref.nii.gz": ("hmc_reference", "out_file"),
-    "desc-brain_mask.nii.gz": ("reference_mask", "out"),
-    "label-brain_distmap.nii.gz": ("reference_shape", "out_file"),
-    "from-orig_to-boldref_mode-image_desc-hmc_xfm.txt": ("unimo_rigid", "out_itk"),
-    "desc-confounds_timeseries.tsv": ("confounds", "out_confounds"),
-    "desc-confounds_timeseries.json": ("confounds", "out_confounds_meta"),
-    "stat-tsnr_desc-raw_boldmap.nii.gz": ("confounds", "out_tsnr_raw"),
-    "stat-tsnr_desc-preproc_boldmap.nii.gz": ("confounds", "out_tsnr_preproc"),
-    "desc-qc_bold.json": ("confounds", "out_qc"),
-}
+
+def series_outputs(suffix: str = "bold") -> dict[str, tuple[str, str]]:
+    """Derivative name (after the source entities) -> (node, output) that produces it, for a
+    series whose BIDS suffix is ``suffix`` (bold, dwi, asl, pet)."""
+    return {
+        f"desc-preproc_{suffix}.nii.gz": ("apply_hmc", "out_file"),
+        f"desc-hmc_{suffix}ref.nii.gz": ("hmc_reference", "out_file"),
+        "desc-brain_mask.nii.gz": ("reference_mask", "out"),
+        "label-brain_distmap.nii.gz": ("reference_shape", "out_file"),
+        f"from-orig_to-{suffix}ref_mode-image_desc-hmc_xfm.txt": ("unimo_rigid", "out_itk"),
+        "desc-confounds_timeseries.tsv": ("confounds", "out_confounds"),
+        "desc-confounds_timeseries.json": ("confounds", "out_confounds_meta"),
+        f"stat-tsnr_desc-raw_{suffix}map.nii.gz": ("confounds", "out_tsnr_raw"),
+        f"stat-tsnr_desc-preproc_{suffix}map.nii.gz": ("confounds", "out_tsnr_preproc"),
+        f"desc-qc_{suffix}.json": ("confounds", "out_qc"),
+    }
+
+
 # Extra outputs of the moving-anatomy (tracked) mode.
 TRACKED_OUTPUTS = {"desc-tracked_mask.nii.gz": ("unimo_rigid", "out_masks")}
-# Extra output of --deformable: the displacement series (see unimo.deform for the convention).
-DEFORM_OUTPUTS = {
-    "from-orig_to-boldref_mode-image_desc-deform_xfm.nii.gz": ("unimo_deform", "out_fields")}
-SERIES_FIGURES = {
-    "desc-mask_bold": "out_mask",
-    "desc-beforeafter_bold": "out_beforeafter",
-    "desc-tsnr_bold": "out_tsnr",
-    "desc-motion_bold": "out_motion",
-    "desc-carpet_bold": "out_carpet",
-    "desc-unimo_bold": "out_unimo",
-}
+
+
+def deform_outputs(suffix: str = "bold") -> dict[str, tuple[str, str]]:
+    """Extra output of --deformable: the displacement series (convention: unimo.deform)."""
+    return {f"from-orig_to-{suffix}ref_mode-image_desc-deform_xfm.nii.gz":
+            ("unimo_deform", "out_fields")}
+
+
+# The rotated gradient table of a DWI series, beside its preprocessed image (as QSIPrep).
+GRADIENT_OUTPUTS = {"desc-preproc_dwi.bvec": ("rotate_gradients", "out_bvec"),
+                    "desc-preproc_dwi.bval": ("rotate_gradients", "out_bval")}
+FIGURES = {"mask": "out_mask", "beforeafter": "out_beforeafter", "tsnr": "out_tsnr",
+           "motion": "out_motion", "carpet": "out_carpet", "unimo": "out_unimo"}
+
+
+def series_figures(suffix: str = "bold") -> dict[str, str]:
+    """Figure name (after the source entities, no extension) -> reportlets output."""
+    return {f"desc-{name}_{suffix}": output for name, output in FIGURES.items()}
+
 
 
 def series_workflow_name(bold_file: str) -> str:
@@ -66,18 +80,17 @@ def estimate_mem_gb(bold_file: str) -> float:
     return max(voxels * 4 / 1024**3, 0.05)
 
 
-def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None):
+def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None, suffix="bold"):
     """JSON sidecars of the preprocessed series and, after a template check, of the brain mask
-    (a nipype Function: imports inside)."""
+    (a nipype Function: imports inside). A repetition time of 0 (unknown, allowed for DWI and
+    PET) is left out."""
     import json
 
     sidecar = dict(metadata)
-    sidecar.update({
-        "RepetitionTime": repetition_time,
-        "SkullStripped": False,
-        "Sources": [source_uri],
-    })
-    sidecars = {"desc-preproc_bold.json": sidecar}
+    sidecar.update({"SkullStripped": False, "Sources": [source_uri]})
+    if repetition_time:
+        sidecar["RepetitionTime"] = repetition_time
+    sidecars = {f"desc-preproc_{suffix}.json": sidecar}
     if mask_report:
         with open(mask_report) as handle:
             report = json.load(handle)
@@ -157,6 +170,10 @@ def init_series_wf(
     deformable: bool = False,
     deform_weights: str | None = None,
     deform_predictor: bool = False,
+    suffix: str = "bold",
+    reference_candidates: list[int] | None = None,
+    require_tr: bool = True,
+    gradients: tuple[str, str] | None = None,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
@@ -175,6 +192,12 @@ def init_series_wf(
         (``UniMoDeform``) and compose it with the rigid transform in the one resampling.
     deform_predictor: start each volume's optimisation from a velocity predictor's estimate
         (``deform_weights``, None: the packaged one) instead of zero.
+    suffix: the series' BIDS suffix (bold, dwi, asl, pet); it names the outputs.
+    reference_candidates: the volumes the reference may be chosen from (DWI: the b=0 volumes;
+        ASL: the control volumes); None: any steady-state volume.
+    require_tr: fail the series without a repetition time (time series); DWI and PET go on.
+    gradients: (bval, bvec) files of a DWI series: the b-vectors are rotated by each volume's
+        motion and written with the series, and a per-shell outlier measure is added.
 
     Inputs
     ------
@@ -210,11 +233,12 @@ volume ({ref}). {masks}{network}{refinement}
                          name="outputnode")
     mem_gb = estimate_mem_gb(bold_file)
     validate = pe.Node(ValidateSeries(in_file=bold_file,
-                                      repetition_time=metadata.get("RepetitionTime")),
+                                      repetition_time=metadata.get("RepetitionTime"),
+                                      require_tr=require_tr),
                        name="validate", mem_gb=2 * mem_gb)
     hmc_reference = pe.Node(
         HMCReference(hmc_ref=str(hmc_ref), dummy_scans=-1 if dummy_scans is None else dummy_scans,
-                     source_file=bold_file),
+                     source_file=bold_file, candidates=list(reference_candidates or [])),
         name="hmc_reference", mem_gb=3 * mem_gb, n_procs=omp_nthreads)
     # On a GPU, a node takes one of MultiProc's n_gpu_procs slots (nipype counts a GPU node's
     # n_procs in GPU slots too), so that --gpu-procs N runs N of them at once.
@@ -256,24 +280,28 @@ volume ({ref}). {masks}{network}{refinement}
     relative = os.path.relpath(bold_file, bids_dir)
     sidecar = pe.Node(
         niu.Function(function=_preproc_sidecar, input_names=["repetition_time", "source_uri",
-                                                              "metadata", "mask_report"],
+                                                              "metadata", "mask_report",
+                                                              "suffix"],
                      output_names=["sidecars"]),
         name="sidecar")
+    sidecar.inputs.suffix = suffix
     sidecar.inputs.source_uri = f"bids:raw:{relative}"
     sidecar.inputs.metadata = {k: v for k, v in metadata.items()
                                if k in ("TaskName", "SliceTiming", "EchoTime",
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
-    outputs = dict(SERIES_OUTPUTS, **(TRACKED_OUTPUTS if moving_anatomy else {}),
-                   **(DEFORM_OUTPUTS if deformable else {}))
+    outputs = dict(series_outputs(suffix), **(TRACKED_OUTPUTS if moving_anatomy else {}),
+                   **(deform_outputs(suffix) if deformable else {}),
+                   **(GRADIENT_OUTPUTS if gradients else {}))
+    figures = series_figures(suffix)
     outputs["desc-brain_mask.nii.gz"] = ("reference_mask", mask_output)
     names = list(outputs)
     gather_files = pe.Node(niu.Merge(len(names)), name="gather_files", run_without_submitting=True)
-    gather_figures = pe.Node(niu.Merge(len(SERIES_FIGURES)), name="gather_figures",
+    gather_figures = pe.Node(niu.Merge(len(figures)), name="gather_figures",
                              run_without_submitting=True)
     write = pe.Node(
         WriteDerivatives(base_directory=output_dir, bids_dir=bids_dir, source_file=bold_file,
-                         names=names, figure_names=list(SERIES_FIGURES)),
+                         names=names, figure_names=list(figures)),
         name="write_derivatives", run_without_submitting=True)
 
     nodes = {"apply_hmc": apply_hmc, "hmc_reference": hmc_reference, "segment": segment,
@@ -298,12 +326,27 @@ volume ({ref}). {masks}{network}{refinement}
                                          ("out_diagnostics", "in_diagnostics"),
                                          ("out_diagnostics_meta", "in_diagnostics_meta")]),
             (unimo_deform, apply_hmc, [("out_fields", "in_fields")]),
-            (unimo_deform, confounds, [("out_diagnostics", "diagnostics"),
-                                       ("out_diagnostics_meta", "diagnostics_meta")]),
         ])
+        diagnostics = unimo_deform
     else:
-        workflow.connect(unimo_rigid, "out_diagnostics", confounds, "diagnostics")
-        workflow.connect(unimo_rigid, "out_diagnostics_meta", confounds, "diagnostics_meta")
+        diagnostics = unimo_rigid
+    if gradients:
+        rotate_gradients = pe.Node(RotateGradients(in_bval=gradients[0], in_bvec=gradients[1]),
+                                   name="rotate_gradients")
+        shell_outliers = pe.Node(ShellOutliers(in_bval=gradients[0]), name="shell_outliers",
+                                 mem_gb=2 * mem_gb)
+        nodes["rotate_gradients"] = rotate_gradients
+        workflow.connect([
+            (validate, rotate_gradients, [("out_file", "in_file")]),
+            (unimo_rigid, rotate_gradients, [("out_transforms", "in_transforms")]),
+            (apply_hmc, shell_outliers, [("out_file", "in_preproc")]),
+            (reference_mask, shell_outliers, [(mask_output, "in_mask")]),
+            (diagnostics, shell_outliers, [("out_diagnostics", "in_diagnostics"),
+                                           ("out_diagnostics_meta", "in_diagnostics_meta")]),
+        ])
+        diagnostics = shell_outliers
+    workflow.connect(diagnostics, "out_diagnostics", confounds, "diagnostics")
+    workflow.connect(diagnostics, "out_diagnostics_meta", confounds, "diagnostics_meta")
     if mask_output == "out_mask":  # the template check needs the reference too
         workflow.connect([(hmc_reference, reference_mask, [("out_file", "reference")]),
                           (segment, reference_mask, [("out_ref_mask", "reference_mask")]),
@@ -350,6 +393,6 @@ volume ({ref}). {masks}{network}{refinement}
     ])
     for position, (node_name, output) in enumerate(outputs.values(), start=1):
         workflow.connect(nodes[node_name], output, gather_files, f"in{position}")
-    for position, output in enumerate(SERIES_FIGURES.values(), start=1):
+    for position, output in enumerate(figures.values(), start=1):
         workflow.connect(reportlets, output, gather_figures, f"in{position}")
     return workflow
