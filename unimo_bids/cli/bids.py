@@ -241,8 +241,8 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
     repetition time needed. Raises UsageError (one line, naming the file) for a DWI series
     without a gradient table.
     """
-    import numpy as np
-
+    from ..interfaces.dwi import read_gradients
+    from ..interfaces.series import SeriesError
     from ..unimo.dwi import b0_indices
 
     if run.suffix == "dwi":
@@ -255,9 +255,9 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
             raise UsageError(f"{run.path}: no .bval/.bvec file for this DWI series")
         run.gradients = (bval, bvec)
         try:
-            bvals = np.atleast_1d(np.loadtxt(bval, dtype=float)).ravel()
-        except (OSError, ValueError) as err:
-            raise UsageError(f"{bval}: cannot read the b-values ({err})") from None
+            bvals, _ = read_gradients(bval, bvec)
+        except SeriesError as err:
+            raise UsageError(str(err)) from None
         run.reference_candidates = b0_indices(bvals).tolist() or None
     elif run.suffix == "asl":
         context = Path(re.sub(r"_asl\.nii(\.gz)?$", "_aslcontext.tsv", run.path))
