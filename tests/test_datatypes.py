@@ -127,6 +127,17 @@ def test_real_dwi_runs_through_the_cli_and_loads_as_derivatives(dwi_run):
     assert [f.entities["subject"] for f in found] == ["01"]
 
 
+def test_group_level_collects_the_dwi_series(dwi_run, capsys):
+    import pandas as pd
+
+    assert main([str(dwi_run["bids"]), str(dwi_run["out"]), "group"]) == 0
+    table = pd.read_csv(dwi_run["out"] / "group_dwi.tsv", sep="\t", dtype={"subject": str})
+    assert list(table["bids_name"]) == ["sub-01_dwi"] and list(table["subject"]) == ["01"]
+    assert "fd_mean" in table.columns
+    assert "group report: DWI" in (dwi_run["out"] / "group_dwi.html").read_text()
+    assert not (dwi_run["out"] / "group_bold.tsv").exists()
+
+
 def test_real_dwi_b0_volumes_are_registered_to_the_b0_reference(dwi_run):
     """The reference is a b=0 volume and the b=0 volumes move little (under 1 mm)."""
     import pandas as pd
@@ -184,6 +195,46 @@ def test_known_rotation_of_the_real_dwi_series_is_undone_and_bvecs_follow():
     assert angles.max() < 1.0
 
 
+def test_large_known_motion_of_the_real_dwi_series_loses_no_volume():
+    """Up to 20 degrees and 15 mm on every volume, as the app runs it (network start, per-volume
+    masks and shape maps): the network's start once won the coarse level on b=1000 volumes
+    and sent 5 of 13 to 67-89 mm; the finest residual now arbitrates between starts."""
+    import torch
+
+    from unimo_bids.unimo.geometry import grid_center, rigid_matrix
+    from unimo_bids.unimo.network import load_network
+    from unimo_bids.unimo.resample import resample, voxel_map
+    from unimo_bids.unimo.shape import signed_distance
+
+    source = shared_data() / "dwi" / "ds000114_sub-01_ses-test_desc-trunc_dwi"
+    img = nb.load(f"{source}.nii.gz")
+    series = np.asarray(img.dataobj, dtype=np.float32)
+    voxel = img.header.get_zooms()[:3]
+    network = load_network(None)
+
+    def app_estimate(data):
+        masks = brain_mask(np.moveaxis(data, -1, 0), voxel)
+        maps = np.moveaxis(signed_distance(masks, voxel), 0, -1).astype(np.float32)
+        return estimate_head_motion(data, img.affine, data[..., 0], masks[0], maps,
+                                    maps[..., 0], network=network).transforms, masks[0]
+
+    rng = np.random.default_rng(11)
+    center = grid_center(series.shape[:3], img.affine)
+    known = np.stack([np.eye(4)] + [rigid_matrix(rng.uniform(-20, 20, 3),
+                                                 rng.uniform(-15, 15, 3), center)
+                                    for _ in range(series.shape[-1] - 1)])
+    affine_t = torch.as_tensor(img.affine)
+    maps = voxel_map(torch.linalg.inv(torch.as_tensor(known)), affine_t, affine_t).float()
+    moved = np.moveaxis(resample(torch.as_tensor(np.moveaxis(series, -1, 0))[:, None], maps,
+                                 series.shape[:3])[:, 0].numpy(), 0, -1)
+    baseline, _ = app_estimate(series)
+    estimated, mask = app_estimate(moved)
+    error = mean_displacement(estimated, known @ baseline,
+                              world_points(mask.shape, img.affine, mask)[::7])
+    print(f"large known motion, DWI: mean {error.mean():.2f} mm, max {error.max():.2f} mm")
+    assert error.max() < 2.0, error.round(1)  # measured: max 1.11 mm
+
+
 def test_dwi_without_or_with_a_wrong_gradient_table_fails_alone(tmp_path):
     from unimo_bids.cli.bids import collect_runs
     from unimo_bids.interfaces.dwi import read_gradients
@@ -211,3 +262,145 @@ def test_dwi_without_or_with_a_wrong_gradient_table_fails_alone(tmp_path):
     np.savetxt(bvec, [[0, 1], [0, 0], [0, 0]], fmt="%g")
     with pytest.raises(SeriesError, match=r"\(3, 2\) b-vectors for 3 b-values"):
         read_gradients(bval, bvec, 3)
+
+
+def test_real_asl_runs_through_the_cli_with_a_control_volume_reference(tmp_path):
+    """The real pCASL series (its first 40 of 102 volumes, for time) in perf/, with an
+    aslcontext.tsv: its odd volumes are the brighter ones, hence the controls. The reference
+    is chosen among them, the label volumes are not shifted as a class, and the outputs load
+    as derivatives."""
+    source = shared_data() / "asl" / "dcmqaasl_9_pcasl_2d"
+    folder = tmp_path / "bids" / "sub-01" / "perf"
+    folder.mkdir(parents=True)
+    img = nb.load(f"{source}.nii.gz")
+    raw = np.asarray(img.dataobj, dtype=np.float32)[..., :40]
+    nb.Nifti1Image(raw, img.affine, img.header).to_filename(folder / "sub-01_asl.nii.gz")
+    shutil.copyfile(f"{source}.json", folder / "sub-01_asl.json")
+    means = raw.mean(axis=(0, 1, 2))
+    assert means[1::2].mean() > means[0::2].mean()  # controls carry no label: brighter
+    kinds = ["label", "control"] * (raw.shape[-1] // 2)
+    (folder / "sub-01_aslcontext.tsv").write_text("volume_type\n" + "\n".join(kinds) + "\n")
+    (tmp_path / "bids" / "dataset_description.json").write_text(json.dumps(
+        {"Name": "asl", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "bids"), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--nprocs", "2", "--datatypes", "perf", "--skip-bids-validation"])
+    assert code == 0
+    result = out / "sub-01" / "perf"
+    assert nb.load(result / "sub-01_desc-preproc_asl.nii.gz").shape == raw.shape
+    reference = np.asarray(nb.load(result / "sub-01_desc-hmc_aslref.nii.gz").dataobj)
+    closest = int(np.argmin(np.abs(raw - reference[..., None]).mean(axis=(0, 1, 2))))
+    assert kinds[closest] == "control", closest
+    confounds = np.genfromtxt(result / "sub-01_desc-confounds_timeseries.tsv", names=True,
+                              delimiter="\t")
+    shifts = np.stack([confounds[f"trans_{axis}"] for axis in "xyz"], axis=1)
+    # The labelling must not shift the label volumes as a class: each label volume against
+    # the mean of its neighbouring controls, averaged over the run.
+    labels = np.arange(0, raw.shape[-1], 2)
+    neighbours = np.stack([shifts[[j for j in (i - 1, i + 1) if 0 <= j < len(shifts)]].mean(0)
+                           for i in labels])
+    class_offset = np.abs((shifts[labels] - neighbours).mean(axis=0)).max()
+    assert class_offset < 0.1, f"{class_offset:.3f} mm"  # measured 0.036 mm
+    assert np.nanmax(confounds["framewise_displacement"]) < 1.0  # measured 0.48 mm
+
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    assert len(layout.get(suffix="asl", desc="preproc", extension=".nii.gz")) == 1
+
+
+def _pet_frames(mni_template, motions, times):
+    """Synthetic PET frames on a 4 mm grid: grey matter bright early (flow), white matter
+    rising late (uptake), CSF washing out; 6 mm FWHM, 3 % noise; frame t moved by motions[t]."""
+    from scipy import ndimage
+
+    from unimo_bids.unimo.synthetic import simulate_series
+
+    data, affine = mni_template
+    grey = (data > np.percentile(data, 70)) & (data < np.percentile(data, 88))
+    white = data >= np.percentile(data, 88)
+    csf = (data > np.percentile(data, 55)) & ~grey & ~white
+    shape, grid = coarse_grid(data.shape, affine, 4.0)
+    rng = np.random.default_rng(0)
+    frames = []
+    for time, motion in zip(times, motions):
+        activity = ((3 * np.exp(-time / 3) + 1) * grey + (0.3 + 1.6 * (1 - np.exp(-time / 10)))
+                    * white + (2 * np.exp(-time / 1.5) + 0.1) * csf + 0.05)
+        activity = ndimage.gaussian_filter(activity.astype(np.float32), 6 / 2.355 / 2)
+        frame = simulate_series(activity, affine, motion[None], shape, grid, order=1)[..., 0]
+        frames.append(frame + 0.03 * frame.max() * rng.standard_normal(frame.shape))
+    return np.stack(frames, -1).astype(np.float32), grid
+
+
+def test_pet_frames_whose_contrast_changes_are_realigned(mni_template, tmp_path):
+    """Eight PET-like frames (grey/white contrast inverts between the first and the last)
+    moved by known transforms (up to 4 degrees, 5 mm), through the CLI: the reference is a
+    late frame, and every frame is realigned to it."""
+    from unimo_bids.unimo.geometry import centroids, rigid_matrix
+
+    data, affine = mni_template
+    times = np.array([0.5, 1, 2, 4, 8, 15, 25, 40])  # minutes
+    rng = np.random.default_rng(0)
+    center = centroids(data > np.percentile(data, 55), affine)
+    motions = np.stack([np.eye(4)] + [rigid_matrix(rng.uniform(-4, 4, 3), rng.uniform(-5, 5, 3),
+                                                   center) for _ in times[1:]])
+    frames, grid = _pet_frames(mni_template, motions, times)
+    folder = tmp_path / "bids" / "sub-01" / "pet"
+    folder.mkdir(parents=True)
+    nb.Nifti1Image(frames, grid).to_filename(folder / "sub-01_pet.nii.gz")
+    (folder / "sub-01_pet.json").write_text(json.dumps(
+        {"FrameTimesStart": list(times * 60), "TracerName": "synthetic"}))
+    (tmp_path / "bids" / "dataset_description.json").write_text(json.dumps(
+        {"Name": "pet", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "bids"), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--datatypes", "pet", "--skip-bids-validation"])
+    assert code == 0
+    from nitransforms.linear import load as load_transforms
+
+    result = out / "sub-01" / "pet"
+    estimated = load_transforms(
+        result / "sub-01_from-orig_to-petref_mode-image_desc-hmc_xfm.txt", fmt="itk").matrix
+    reference = int(np.argmin(np.abs(estimated - np.eye(4)).sum(axis=(1, 2))))
+    assert reference >= len(times) - len(times) // 3  # a late frame
+    mask = nb.load(result / "sub-01_desc-brain_mask.nii.gz")
+    points = world_points(mask.shape, mask.affine, np.asarray(mask.dataobj) > 0)
+    # frame t shows the anatomy at motions[t] x: reference -> frame t is motions[t]^-1 m[ref]
+    error = mean_displacement(estimated, np.linalg.inv(motions) @ motions[reference], points)
+    print(f"PET frames: mean error {error.mean():.3f} mm, max {error.max():.3f} mm")
+    assert error.mean() < 0.5 and error.max() < 1.5, error.round(2)  # measured 0.16 / 0.73
+
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    assert len(layout.get(suffix="pet", desc="preproc", extension=".nii.gz")) == 1
+
+
+def test_an_inverted_contrast_is_registered_with_intensity_bins(mni_template):
+    """A volume whose contrast is inverted (and squared) cannot be fitted by a linear
+    intensity relation; the binned relation recovers its known motion."""
+    import torch
+
+    from unimo_bids.unimo.geometry import rigid_matrix
+    from unimo_bids.unimo.register import register_rigid
+    from unimo_bids.unimo.synthetic import simulate_series
+
+    data, affine = mni_template
+    shape, grid = coarse_grid(data.shape, affine, 3.0)
+    mask = brain_mask(simulate_series(data, affine, np.eye(4)[None], shape, grid)[None, ..., 0],
+                      (3.0,) * 3)[0]
+    center = world_points(mask.shape, grid, mask).mean(axis=0)
+    motion = rigid_matrix((5, -4, 6), (3, -2, 4), center)
+    fixed = simulate_series(data, affine, np.eye(4)[None], shape, grid)[..., 0]
+    inverted = (data.max() - data) ** 2 * (data > 0.05 * data.max())
+    moving = simulate_series(inverted, affine, motion[None], shape, grid)[..., 0]
+    weight = torch.as_tensor(mask.astype(np.float32))
+    points = world_points(mask.shape, grid, mask)
+    errors = {}
+    for bins in (0, 16):
+        found = register_rigid(torch.as_tensor(fixed)[None], torch.as_tensor(moving)[None, None],
+                               grid, grid, weight, intensity_bins=bins)
+        errors[bins] = mean_displacement(found.transforms, np.linalg.inv(motion)[None],
+                                         points)[0]
+    print(f"inverted contrast: linear {errors[0]:.2f} mm, binned {errors[16]:.3f} mm")
+    assert errors[16] < 0.3 and errors[0] > 1.0, errors

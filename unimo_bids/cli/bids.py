@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..interfaces.io import write_atomically
-from ..workflows.base import SeriesRun
+from ..workflows.base import AnatomicalRuns, SeriesRun
 from .parser import UsageError, clean_label, read_option_file
 
 BIDSIGNORE = """\
@@ -22,8 +22,8 @@ figures/
 *_boldref.nii.gz
 *_distmap.nii.gz
 *_boldmap.nii.gz
-*_desc-qc_bold.json
-group_bold.tsv
+*_desc-qc_*.json
+group_*.tsv
 """
 
 
@@ -188,6 +188,18 @@ def collect_runs(
                          f"{queries[0] if len(queries) == 1 else queries}")
 
     runs, errors = [], []
+    anatomical = [path for path in files if layout.parse_file_entities(path).get("datatype")
+                  == "anat"]
+    files = [path for path in files if path not in anatomical]
+    groups, singles = group_anatomical_runs(anatomical, layout)
+    runs += groups
+    if singles:
+        warnings.append(f"{len(singles)} anatomical image(s) have no other run of the same "
+                        f"contrast in their session, so there is nothing to align them to, e.g. "
+                        f"{singles[0]}")
+    if anatomical and not files and not groups:
+        raise UsageError(f"{bids_dir}: no anatomical contrast has two or more runs in a session "
+                         "(--datatypes anat aligns runs to each other)")
     for path in sorted(files):
         subject = layout.parse_file_entities(path)["subject"]
         broken = [(sidecar, problem) for sidecar, problem in bad_json.items()
@@ -228,8 +240,36 @@ def collect_runs(
     return runs, errors, warnings
 
 
+# PET frames change contrast (early: blood flow; late: uptake): they are registered allowing
+# any function of the reference's intensity, in this many bins (unimo.register).
+PET_INTENSITY_BINS = 16
+
 # The series each --datatypes value brings, by BIDS suffix.
-SERIES_SUFFIXES = {"func": ("bold",), "dwi": ("dwi",), "perf": ("asl",), "pet": ("pet",)}
+SERIES_SUFFIXES = {"func": ("bold",), "dwi": ("dwi",), "perf": ("asl",), "pet": ("pet",),
+                   "anat": ("T1w", "T2w", "PDw", "FLAIR")}
+
+
+def group_anatomical_runs(paths: list[str], layout) -> tuple[list[AnatomicalRuns], list[str]]:
+    """Anatomical images grouped by every entity but run (the same contrast, acquisition and
+    session): groups of two or more, each sorted with its reference (first run) first, and
+    the images that stand alone."""
+    grouped: dict[tuple, list[str]] = {}
+    for path in paths:
+        entities = layout.parse_file_entities(path)
+        key = tuple(sorted((k, str(v)) for k, v in entities.items()
+                           if k not in ("run", "extension")))
+        grouped.setdefault(key, []).append(path)
+    groups, singles = [], []
+    for members in grouped.values():
+        if len(members) < 2:
+            singles += members
+            continue
+        members = sorted(members, key=lambda p: (int(layout.parse_file_entities(p).get(
+            "run", 0)), p))
+        entities = layout.parse_file_entities(members[0])
+        groups.append(AnatomicalRuns(paths=members, subject=entities["subject"],
+                                     suffix=entities["suffix"]))
+    return groups, sorted(singles)
 
 
 def describe_series_kind(run: SeriesRun, layout) -> None:
@@ -238,9 +278,13 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
     DWI: its .bval/.bvec (BIDS inheritance), and the b=0 volumes as reference candidates; no
     repetition time needed. ASL: the control volumes of its aslcontext.tsv as reference
     candidates (the label/control alternation then never enters the reference). PET: no
-    repetition time needed. Raises UsageError (one line, naming the file) for a DWI series
+    repetition time needed; the reference is chosen among the last third of the frames,
+    whose tracer distribution changes least, and each frame may relate to it by any function
+    of intensity (``PET_INTENSITY_BINS``). Raises UsageError (one line, naming the file) for a DWI series
     without a gradient table.
     """
+    import nibabel as nb
+
     from ..interfaces.dwi import read_gradients
     from ..interfaces.series import SeriesError
     from ..unimo.dwi import b0_indices
@@ -268,6 +312,14 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
                                         if kind == "control"] or None
     elif run.suffix == "pet":
         run.require_tr = False
+        run.intensity_bins = PET_INTENSITY_BINS
+        try:
+            shape = nb.load(run.path).shape
+        except Exception:  # an unreadable series: its validation node reports it
+            shape = ()
+        if len(shape) == 4 and shape[3] > 1:
+            frames = shape[3]
+            run.reference_candidates = list(range(frames - max(1, frames // 3), frames))
 
 
 def metadata_problem(metadata) -> str | None:
@@ -364,7 +416,8 @@ def screen_runs(runs: list[SeriesRun], memory_gb: float | None):
     kept, errors, warnings = [], [], []
     for run in runs:
         try:
-            warnings.extend(screen_header(run.path, limit))
+            for path in getattr(run, "paths", [run.path]):
+                warnings.extend(screen_header(path, limit))
         except SeriesError as err:
             errors.append((run.subject, str(err)))
             continue

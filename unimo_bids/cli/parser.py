@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     g_bids.add_argument("-t", "--task-id", nargs="+", default=None, metavar="TASK",
                         help="tasks to process")
     g_bids.add_argument("--datatypes", nargs="+", default=["func"],
-                        choices=["func", "dwi", "perf", "pet"], metavar="DATATYPE",
+                        choices=["func", "dwi", "perf", "anat", "pet"], metavar="DATATYPE",
                         help="datatypes to correct: func (BOLD, the default), dwi, perf (ASL), "
-                             "pet")
+                             "anat (aligns the runs of each contrast in a session, e.g. fetal "
+                             "T2w stacks), pet")
     g_bids.add_argument("--suffix", nargs="+", default=None, metavar="SUFFIX",
-                        help="only series with these BIDS suffixes (bold, dwi, asl, pet)")
+                        help="only series with these BIDS suffixes (bold, dwi, asl, pet, T1w, "
+                             "T2w, PDw, FLAIR)")
     g_bids.add_argument("--bids-filter-file", type=Path, default=None, metavar="FILE",
                         help="JSON of pybids filters, e.g. {\"bold\": {\"run\": 1}}")
     g_bids.add_argument("--skip-bids-validation", action="store_true",

@@ -110,30 +110,32 @@ def resolve_template(requested: str) -> tuple[str | None, str]:
 def find_derivative_mask(source: str, bids_dir: Path, derivatives) -> str | None:
     """The reference mask of a series in precomputed derivatives, or None.
 
-    Looked for as ``<source entities>_desc-brain_mask.nii[.gz]`` in the source's own
-    subfolder of each folder, then anywhere below it (first match, in the order given).
+    Looked for as ``<source entities>_desc-brain_mask.nii[.gz]``, then with the source's
+    suffix kept (``sub-01_run-1_T2w_desc-brain_mask``, as fetal toolkits name them), in the
+    source's own subfolder of each folder, then anywhere below it (first match, in the order
+    given).
     """
     from ..interfaces.io import source_prefix
 
-    prefix = source_prefix(source)
     relative = Path(os.path.relpath(Path(source).parent, bids_dir))
+    stems = (source_prefix(source), Path(source).name.split(".")[0])
     for folder in derivatives or []:
-        for extension in (".nii.gz", ".nii"):
-            name = f"{prefix}_desc-brain_mask{extension}"
-            if (folder / relative / name).is_file():
-                return str((folder / relative / name).absolute())
-            found = sorted(folder.rglob(name))
-            if found:
-                return str(found[0].absolute())
+        for stem in stems:
+            for extension in (".nii.gz", ".nii"):
+                name = f"{stem}_desc-brain_mask{extension}"
+                if (folder / relative / name).is_file():
+                    return str((folder / relative / name).absolute())
+                found = sorted(folder.rglob(name))
+                if found:
+                    return str(found[0].absolute())
     return None
 
 
 def attach_reference_masks(runs, args, bids_dir: Path) -> None:
     """Give each run its user mask (--ref-mask, else --derivatives), checked before any work:
-    a missing, empty, non-3D or misplaced mask stops the command (exit 2)."""
-    import nibabel as nb
-
-    from ..interfaces.segment import load_user_mask
+    a missing, empty, non-3D or misplaced mask stops the command (exit 2). The runs of an
+    anatomical contrast get one mask each, from --derivatives only."""
+    from ..workflows.base import AnatomicalRuns
 
     for folder in args.derivatives or []:
         if not folder.is_dir():
@@ -141,17 +143,31 @@ def attach_reference_masks(runs, args, bids_dir: Path) -> None:
     if args.ref_mask is not None and not args.ref_mask.is_file():
         raise UsageError(f"--ref-mask: {args.ref_mask} does not exist")
     for run in runs:
+        if isinstance(run, AnatomicalRuns):  # one mask per run, from --derivatives only
+            run.masks = [checked_mask(find_derivative_mask(path, bids_dir, args.derivatives),
+                                      path) for path in run.paths]
+            continue
         mask = (str(args.ref_mask.absolute()) if args.ref_mask is not None else
                 find_derivative_mask(run.path, bids_dir, args.derivatives))
-        if mask is None:
-            continue
-        try:
-            load_user_mask(mask, nb.load(run.path))
-        except ValueError as err:
-            raise UsageError(f"{err} (reference mask for {run.path})") from None
-        except Exception:  # an unreadable series: its validation node reports it
-            pass
-        run.ref_mask = mask
+        run.ref_mask = checked_mask(mask, run.path)
+
+
+def checked_mask(mask: str | None, path: str) -> str | None:
+    """``mask`` if it fits the image ``path``; a missing, empty, non-3D or misplaced mask stops
+    the command (UsageError). An unreadable image is left to its workflow to report."""
+    import nibabel as nb
+
+    from ..interfaces.segment import load_user_mask
+
+    if mask is None:
+        return None
+    try:
+        load_user_mask(mask, nb.load(path))
+    except ValueError as err:
+        raise UsageError(f"{err} (reference mask for {path})") from None
+    except Exception:
+        pass
+    return mask
 
 
 def masks_summary(args) -> str:
@@ -255,7 +271,8 @@ def collect_crashes(crash_dir: Path, runs) -> dict[str, list[str]]:
         message = detail if detail and kind.rsplit(".", 1)[-1] == "SeriesError" else last
         run = next((r for key, r in by_workflow.items() if key in node), None)
         subject = run.subject if run else "unknown"
-        if run is not None and run.path not in message:
+        if run is not None and not any(path in message
+                                       for path in getattr(run, "paths", [run.path])):
             message = f"{run.path}: step {node.rsplit('.', 1)[-1]} failed: {message}"
         errors.setdefault(subject, []).append(f"{message} (details: {crashfile})")
     return errors
@@ -407,14 +424,16 @@ def write_graph(workflow, work_dir: Path) -> None:
 
 
 def run_group(args) -> int:
-    from ..interfaces.reports import build_group_report
+    from ..interfaces.reports import build_group_report, group_suffixes
 
     output_dir = args.output_dir.absolute()
-    if not list(output_dir.glob("sub-*/**/*_desc-qc_bold.json")):
-        raise UsageError(f"{output_dir}: no participant-level outputs (*_desc-qc_bold.json); "
+    suffixes = group_suffixes(output_dir)
+    if not suffixes:
+        raise UsageError(f"{output_dir}: no participant-level outputs (*_desc-qc_<suffix>.json); "
                          "run the participant level first")
-    tsv, html = build_group_report(output_dir, args.fd_spike_threshold)
-    print(f"Group QC table: {tsv}\nGroup report: {html}")
+    for suffix in suffixes:  # one table and report per kind of series (bold, dwi, ...)
+        tsv, html = build_group_report(output_dir, args.fd_spike_threshold, suffix)
+        print(f"Group QC table: {tsv}\nGroup report: {html}")
     return 0
 
 

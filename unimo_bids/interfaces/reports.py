@@ -4,8 +4,9 @@
   (mask and distance map, mean image before/after, tSNR before/after, motion traces, carpet).
 * :func:`build_subject_report` assembles ``<out>/sub-<label>.html`` (fMRIPrep style) from the QC
   JSON files and figures already written under ``<out>/sub-<label>/``.
-* :func:`build_group_report` collects every ``*_desc-qc_bold.json`` into ``group_bold.tsv`` and
-  ``group_bold.html`` (MRIQC style), optionally re-thresholding FD from the confounds tables.
+* :func:`build_group_report` collects every ``*_desc-qc_<suffix>.json`` into
+  ``group_<suffix>.tsv`` and ``group_<suffix>.html`` (MRIQC style), optionally re-thresholding
+  FD from the confounds tables.
 """
 
 from __future__ import annotations
@@ -654,6 +655,30 @@ def _figure_desc(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+ALIGNMENT_COLUMNS = ("RotationDegrees", "TranslationMillimetres", "MeanDisplacementMillimetres",
+                     "Residual", "Overlap", "Masks")
+
+
+def aligned_runs_table(subj_dir: Path) -> str:
+    """HTML table of the anatomical runs aligned to a reference run (their ``desc-aligned``
+    sidecars' RigidAlignment), or '' when there are none."""
+    rows = []
+    for sidecar in sorted(subj_dir.rglob("*_desc-aligned_*.json")) if subj_dir.is_dir() else []:
+        try:
+            alignment = json.loads(sidecar.read_text()).get("RigidAlignment", {})
+        except (OSError, ValueError, AttributeError):
+            alignment = {}
+        cells = "".join(f"<td>{_esc(alignment.get(key, 'n/a'))}</td>" for key in ALIGNMENT_COLUMNS)
+        reference = str(alignment.get("ReferenceRun", "n/a")).rsplit("/", 1)[-1]
+        rows.append(f"<tr><td><code>{_esc(sidecar.name)}</code></td><td>{_esc(reference)}</td>"
+                    f"{cells}</tr>")
+    if not rows:
+        return ""
+    header = "".join(f"<th>{_esc(name)}</th>" for name in ("Run", "Reference",
+                                                            *ALIGNMENT_COLUMNS))
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
 def build_subject_report(output_dir, subject: str, summary: dict, errors: list[str]) -> Path:
     """Write ``<output_dir>/sub-<subject>.html`` and return its path.
 
@@ -727,7 +752,11 @@ def build_subject_report(output_dir, subject: str, summary: dict, errors: list[s
             f"<h3>Flagged volumes</h3>{outlier_table(qc_file, prefixes[qc_file], metrics)}"
             f"<h3>Figures</h3>{''.join(fig_html) or '<p>No figures found.</p>'}</section>"
         )
-    if not qc_files:
+    aligned = aligned_runs_table(subj_dir)
+    if aligned:
+        nav.append(("aligned", "Aligned runs"))
+        sections.append(f"<section id=\"aligned\"><h2>Aligned runs</h2>{aligned}</section>")
+    if not qc_files and not aligned:
         sections.append("<section id=\"runs\"><h2>Runs</h2><p>No processed runs found.</p>"
                         "</section>")
 
@@ -754,10 +783,10 @@ def build_subject_report(output_dir, subject: str, summary: dict, errors: list[s
 # --------------------------------------------------------------------------------------------
 # Group report
 # --------------------------------------------------------------------------------------------
-def _collect_group(output_dir: Path, fd_spike_threshold) -> pd.DataFrame:
+def _collect_group(output_dir: Path, fd_spike_threshold, suffix: str = "bold") -> pd.DataFrame:
     rows = []
     for sub_dir in sorted(p for p in output_dir.glob("sub-*") if p.is_dir()):
-        for qc_file in sorted(sub_dir.rglob("*_desc-qc_bold.json")):
+        for qc_file in sorted(sub_dir.rglob(f"*_desc-qc_{suffix}.json")):
             if "figures" in qc_file.relative_to(sub_dir).parts:
                 continue
             try:
@@ -765,10 +794,10 @@ def _collect_group(output_dir: Path, fd_spike_threshold) -> pd.DataFrame:
             except (OSError, ValueError) as exc:
                 LOGGER.warning("Skipping unreadable %s: %s", qc_file, exc)
                 continue
-            prefix = qc_file.name[: -len("_desc-qc_bold.json")]
+            prefix = qc_file.name[: -len(f"_desc-qc_{suffix}.json")]
             ents = parse_entities(prefix)
             row = {
-                "bids_name": f"{prefix}_bold",
+                "bids_name": f"{prefix}_{suffix}",
                 "subject": ents.get("sub"),
                 "session": ents.get("ses"),
                 "task": ents.get("task"),
@@ -851,24 +880,34 @@ def _metric_plot_uri(table: pd.DataFrame, col: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_group_report(output_dir, fd_spike_threshold: float | None = None) -> tuple[Path, Path]:
-    """Write ``<output_dir>/group_bold.tsv`` and ``group_bold.html``; return both paths.
+def group_suffixes(output_dir) -> list[str]:
+    """The series suffixes (bold, dwi, asl, pet) that have participant-level QC files."""
+    found = {p.name.rsplit("_desc-qc_", 1)[1][: -len(".json")]
+             for p in Path(output_dir).glob("sub-*/**/*_desc-qc_*.json")
+             if "figures" not in p.parts}
+    return sorted(found)
 
-    One row per ``sub-*/**/*_desc-qc_bold.json`` (bids_name, subject, session, task, run and
+
+def build_group_report(output_dir, fd_spike_threshold: float | None = None,
+                       suffix: str = "bold") -> tuple[Path, Path]:
+    """Write ``<output_dir>/group_<suffix>.tsv`` and ``group_<suffix>.html``; return both paths.
+
+    One row per ``sub-*/**/*_desc-qc_<suffix>.json`` (bids_name, subject, session, task, run and
     the QC metrics). With ``fd_spike_threshold``, fd_num, fd_perc, n_outliers and
     usable_fraction are recomputed from each run's ``*_desc-confounds_timeseries.tsv`` at that
     threshold. Outlier runs: |robust z| > 3 (median / 1.4826 MAD, at least 3 runs) on any
     metric, or fd_perc > 20. Files are written atomically.
     """
     output_dir = Path(output_dir)
-    table = _collect_group(output_dir, fd_spike_threshold)
+    table = _collect_group(output_dir, fd_spike_threshold, suffix)
+    kind = suffix.upper()
     tsv_path = _atomic_write_text(
-        output_dir / "group_bold.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a")
+        output_dir / f"group_{suffix}.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a")
     )
 
     metrics = _metric_columns(table) if len(table) else []
     outliers = _outlier_table(table, metrics) if len(table) else []
-    body = ["<h1>unimo-bids group report: BOLD</h1>"]
+    body = [f"<h1>unimo-bids group report: {_esc(kind)}</h1>"]
     thr_note = (
         f"FD metrics re-thresholded at {float(fd_spike_threshold):g} mm from the confounds "
         "tables." if fd_spike_threshold is not None else
@@ -877,7 +916,7 @@ def build_group_report(output_dir, fd_spike_threshold: float | None = None) -> t
     body.append(
         f"<section id=\"summary\"><h2>Summary</h2><p>{len(table)} run(s), "
         f"{table['subject'].nunique() if len(table) else 0} subject(s). {_esc(thr_note)}</p>"
-        f"<p>Table: <a href=\"group_bold.tsv\">group_bold.tsv</a></p></section>"
+        f"<p>Table: <a href=\"group_{suffix}.tsv\">group_{suffix}.tsv</a></p></section>"
     )
     if metrics:
         imgs = "".join(
@@ -911,7 +950,7 @@ def build_group_report(output_dir, fd_spike_threshold: float | None = None) -> t
     nav = [("summary", "Summary"), ("distributions", "Distributions"),
            ("outliers", "Outliers"), ("table", "All runs")]
     html_path = _atomic_write_text(
-        output_dir / "group_bold.html",
-        _html_page("unimo-bids group report (BOLD)", nav, "\n".join(body)),
+        output_dir / f"group_{suffix}.html",
+        _html_page(f"unimo-bids group report ({kind})", nav, "\n".join(body)),
     )
     return tsv_path, html_path

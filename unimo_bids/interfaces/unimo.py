@@ -150,6 +150,10 @@ class _UniMoRigidInputSpec(BaseInterfaceInputSpec):
                                       "track the mask (see unimo.tracking)")
     in_masks = File(exists=True, desc="moving-anatomy mode: 4D segmentation of each volume, "
                                       "checked against the tracked masks")
+    intensity_bins = traits.Int(0, usedefault=True,
+                                desc="0: linear intensity relation to the reference; n > 0: "
+                                     "any function of it, in n bins (contrast that changes "
+                                     "across the series, e.g. PET frames)")
     use_gpu = use_gpu_trait()
 
 
@@ -202,7 +206,8 @@ class UniMoRigid(SimpleInterface):
             result = run_with_memory_fallback(
                 lambda device, chunk: estimate_head_motion(
                     series, img.affine, reference, mask, shapes, shape_ref, device=device,
-                    chunk_size=chunk, network=network, refine=self.inputs.refine),
+                    chunk_size=chunk, network=network, refine=self.inputs.refine,
+                    intensity_bins=self.inputs.intensity_bins),
                 self.inputs.device, fitting_chunk(self.inputs.device, series.shape, 64))
 
         self._results["out_transforms"] = os.path.join(runtime.cwd, "hmc_transforms.npy")

@@ -136,6 +136,26 @@ def _pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
     return np.argmin(score, axis=0)
 
 
+def _rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
+                 agree_mm: float = 2.0, close: float = 1.2) -> np.ndarray:
+    """(b,) index of the best usable start whose coarse result disagrees with the picked one
+    (by more than ``agree_mm``: translation plus rotation at 50 mm) while its coarse residual
+    is within ``close`` times the picked one's; -1 where there is none."""
+    count = len(pick)
+    ends = coarse.transforms.reshape(n_starts, count, 4, 4)
+    chosen = ends[pick, np.arange(count)]
+    relative = np.linalg.inv(chosen)[None] @ ends  # (n_starts, b, 4, 4)
+    angle = np.arccos(np.clip((np.trace(relative[..., :3, :3], axis1=-2, axis2=-1) - 1) / 2,
+                              -1.0, 1.0))
+    apart = np.linalg.norm(relative[..., :3, 3], axis=-1) + 50.0 * angle > agree_mm
+    residual = coarse.residual.reshape(n_starts, count)
+    overlap = coarse.overlap.reshape(n_starts, count)
+    near = residual <= close * residual[pick, np.arange(count)]
+    score = np.where(apart & near & (overlap >= 0.8 * overlap.max(0)), residual, np.inf)
+    best = np.argmin(score, axis=0)
+    return np.where(np.isfinite(score[best, np.arange(count)]), best, -1)
+
+
 def estimate_head_motion(
     series: np.ndarray,
     affine,
@@ -150,6 +170,7 @@ def estimate_head_motion(
     refine: bool = True,
     margin_mm: float = MASK_MARGIN_MM,
     starts: np.ndarray | None = None,
+    intensity_bins: int = 0,
 ) -> HeadMotion:
     """Rigid transforms aligning every volume of a series to the reference.
 
@@ -171,17 +192,21 @@ def estimate_head_motion(
         identity, so the tracked mode shrinks the mask instead (a negative margin).
     starts: optional (T, 4, 4) further starting transforms (e.g. a previous estimate), tried
         at the coarsest level with the identity and the network's estimate.
+    intensity_bins: 0 for a linear intensity relation between each volume and the reference;
+        n > 0 for any functional relation (``register_rigid``), when contrast changes across
+        the series (DWI shells, PET frames).
     """
     if not refine and network is None:
         raise ValueError("refine=False needs a network")
     with retained_heap():
         return _estimate(series, affine, reference, reference_mask, shape_series,
                          shape_reference, device, chunk_size, progress, network, refine,
-                         margin_mm, starts)
+                         margin_mm, starts, intensity_bins)
 
 
 def _estimate(series, affine, reference, reference_mask, shape_series, shape_reference, device,
-              chunk_size, progress, network, refine, margin_mm, starts) -> HeadMotion:
+              chunk_size, progress, network, refine, margin_mm, starts,
+              intensity_bins) -> HeadMotion:
     n_vols = series.shape[-1]
     estimates = None
     if network is not None:
@@ -218,17 +243,31 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             candidates.append(np.asarray(starts, dtype=float)[begin:stop])
         if len(candidates) == 1:
             results.append(register_rigid(fixed_t, moving, affine, affine, weight,
-                                          levels=levels))
+                                          levels=levels, intensity_bins=intensity_bins))
             starts_used.append(np.zeros(count, int))
         else:
             n_starts = len(candidates)
             coarse = register_rigid(fixed_t, moving.repeat(n_starts, 1, 1, 1, 1), affine,
                                     affine, weight, init=np.concatenate(candidates),
-                                    levels=levels[:1])
+                                    levels=levels[:1], intensity_bins=intensity_bins)
             pick = _pick_start(coarse, n_starts)
-            init = coarse.transforms.reshape(n_starts, count, 4, 4)[pick, np.arange(count)]
-            results.append(register_rigid(fixed_t, moving, affine, affine, weight, init=init,
-                                          levels=levels[1:]))
+            ends = coarse.transforms.reshape(n_starts, count, 4, 4)
+            result = register_rigid(fixed_t, moving, affine, affine, weight,
+                                    init=ends[pick, np.arange(count)], levels=levels[1:],
+                                    intensity_bins=intensity_bins)
+            rival = _rival_start(coarse, n_starts, pick)
+            contested = np.flatnonzero(rival >= 0)
+            if contested.size:
+                # The coarse level cannot always tell a wrong start from the right one when
+                # contrast differs from the reference; the finest residual can.
+                other = register_rigid(fixed_t, moving[torch.as_tensor(contested)], affine,
+                                       affine, weight, init=ends[rival[contested], contested],
+                                       levels=levels[1:], intensity_bins=intensity_bins)
+                better = other.residual < result.residual[contested]
+                for field in ("transforms", "residual", "iterations", "overlap"):
+                    getattr(result, field)[contested[better]] = getattr(other, field)[better]
+                pick[contested[better]] = rival[contested[better]]
+            results.append(result)
             starts_used.append(pick)
         if progress is not None:
             progress(stop - begin)

@@ -33,6 +33,7 @@ class Level:
 
 
 DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
+POINTS_PER_BIN = 256  # fewest fixed points per intensity bin (``intensity_bins``)
 
 
 @dataclass
@@ -110,6 +111,76 @@ def _robust_scale(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return var.sqrt().clamp_min(1e-6)
 
 
+def _quantile_bins(values: torch.Tensor, weight: torch.Tensor, count: int) -> torch.Tensor:
+    """(C, N) long: the quantile bin (0..count-1) of each fixed value, per channel, among the
+    weighted points."""
+    inner = torch.linspace(0, 1, count + 1, dtype=values.dtype, device=values.device)[1:-1]
+    used = values[:, weight > 0]
+    edges = torch.quantile(used[:, :: max(1, used.shape[1] // 100_000)], inner, dim=1).T
+    return torch.searchsorted(edges.contiguous(), values.contiguous())
+
+
+def _binned_map(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor,
+                bins: torch.Tensor):
+    """The moving intensity predicted from the fixed one, and its slope.
+
+    fixed: (C, N); moving: (b, C, N); weight: (b, N); bins: (C, N) from ``_quantile_bins``.
+    Per volume and channel, the weighted means of fixed and moving in each bin are joined
+    piecewise linearly; an empty bin takes its neighbours' line. Returns (b, C, N) twice.
+    """
+    count = int(bins.max()) + 1
+    b, channels, _ = moving.shape
+    index = bins.expand(b, channels, -1)
+    w = weight[:, None].expand(b, channels, -1)
+
+    def binned(values):
+        return torch.zeros(b, channels, count, dtype=values.dtype, device=values.device
+                           ).scatter_add_(-1, index, values)
+
+    mass = binned(w)
+    filled = mass > 1e-6 * mass.sum(-1, keepdim=True)
+    centre = binned(w * fixed[None]) / mass.clamp_min(1e-12)
+    level = binned(w * moving) / mass.clamp_min(1e-12)
+    # An empty bin (e.g. outside the field of view) takes its neighbours' line.
+    centre, level = _fill_gaps(centre, filled), _fill_gaps(level, filled)
+    near = torch.gather(centre, -1, index)
+    right = (fixed[None] >= near).long()
+    other = (index + 2 * right - 1).clamp(0, count - 1)
+    other = torch.where(other == index, (index + 1 - 2 * right).clamp(0, count - 1), other)
+    c0, c1 = near, torch.gather(centre, -1, other)
+    l0, l1 = torch.gather(level, -1, index), torch.gather(level, -1, other)
+    slope = (l1 - l0) / torch.where((c1 - c0).abs() > 1e-9, c1 - c0,
+                                    torch.full_like(c0, 1e-9))
+    return l0 + slope * (fixed[None] - c0), slope
+
+
+def _fill_gaps(values: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """(..., K) values with the unfilled entries replaced by linear interpolation between the
+    nearest filled ones (held constant beyond the ends); all-empty rows stay 0."""
+    if bool(filled.all()):
+        return values
+    flat_v = values.reshape(-1, values.shape[-1]).cpu().numpy()
+    flat_f = filled.reshape(-1, values.shape[-1]).cpu().numpy()
+    out = flat_v.copy()
+    axis = np.arange(values.shape[-1])
+    for row in range(out.shape[0]):
+        known = flat_f[row]
+        if known.any() and not known.all():
+            out[row] = np.interp(axis, axis[known], flat_v[row, known])
+    return torch.as_tensor(out, device=values.device).reshape(values.shape)
+
+
+def _sample_moving(moving: torch.Tensor, idx: torch.Tensor, vox: torch.Tensor):
+    """Samples (b, C, N) and inside (b, N) of the volumes ``idx`` at voxel points (b, N, 3); one
+    moving volume (B = 1) is sampled once at all the points (no copy per start)."""
+    if moving.shape[0] > 1:
+        return sample_points(moving[idx], vox)
+    values, inside = sample_points(moving, vox.reshape(1, -1, 3))
+    count = vox.shape[0]
+    return (values.view(moving.shape[1], count, -1).transpose(0, 1),
+            inside.view(count, -1))
+
+
 def register_rigid(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -120,20 +191,26 @@ def register_rigid(
     levels=DEFAULT_LEVELS,
     huber: float = 1.345,
     tolerance: float = 1e-4,
+    intensity_bins: int = 0,
 ) -> RigidResult:
     """Rigidly align each moving volume to the fixed image.
 
     fixed: (C, X, Y, Z) float tensor; channels are e.g. intensity and a shape map.
-    moving: (B, C, X', Y', Z') on the grid ``moving_affine`` (shared by the batch).
+    moving: (B, C, X', Y', Z') on the grid ``moving_affine`` (shared by the batch); with B = 1
+        and an ``init`` of several transforms, the one volume is registered from each start.
     fixed_weight: (X, Y, Z) non-negative weights on the fixed grid (e.g. a dilated brain mask);
         None weighs every voxel equally.
     init: (B, 4, 4) initial transforms (world fixed -> world moving); identity when None.
     levels: coarse-to-fine ``Level``s. tolerance: stop when every update moves points by less
         than this many mm (rotation measured at 50 mm).
+    intensity_bins: 0 fits moving = gain * fixed + offset per volume and channel; n > 0 fits
+        any function of the fixed intensity instead (piecewise linear through the moving
+        volume's mean in n quantile bins of the fixed intensity, as the correlation ratio),
+        for contrasts that change non-linearly or invert (DWI shells, PET frames).
     Returns a ``RigidResult`` with transforms (B, 4, 4) float64.
     """
     device = fixed.device
-    batch = moving.shape[0]
+    batch = moving.shape[0] if init is None else len(init)
     transforms = (torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
                   if init is None else torch.as_tensor(init, dtype=torch.float64, device=device))
     moving_vox_from_world = torch.linalg.inv(
@@ -152,6 +229,11 @@ def register_rigid(
             fixed, fixed_affine, fixed_weight, level)
         moving_level = gaussian_blur(moving, band_limit_sigma(moving_affine, spacing))
         scale = _robust_scale(fixed_values, base_weight)  # (C,)
+        # Enough points per bin that a wrong alignment cannot be fitted away (coarse levels
+        # have few points).
+        bins = _quantile_bins(fixed_values, base_weight, int(np.clip(
+            fixed_values.shape[1] // POINTS_PER_BIN, 4, intensity_bins))) if intensity_bins \
+            else None
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used.zero_()
         for _ in range(level.iterations):
@@ -160,19 +242,28 @@ def register_rigid(
             idx = active.nonzero().squeeze(1)
             world = points @ transforms[idx, :3, :3].transpose(1, 2) + transforms[idx, None, :3, 3]
             vox = world @ moving_vox_from_world[:3, :3].T + moving_vox_from_world[:3, 3]
-            sampled, inside = sample_points(moving_level[idx], vox)  # (b, C, N), (b, N)
+            sampled, inside = _sample_moving(moving_level, idx, vox)  # (b, C, N), (b, N)
             weight = base_weight * inside.to(fixed.dtype)  # (b, N)
 
-            # Per volume and channel linear intensity fit: moving ~ gain * fixed + offset.
-            total = weight.sum(-1).clamp_min(1e-6)[:, None]
-            mean_f = (fixed_values[None] * weight[:, None]).sum(-1) / total
-            mean_m = (sampled * weight[:, None]).sum(-1) / total
-            cov = ((fixed_values[None] - mean_f[..., None]) * (sampled - mean_m[..., None])
-                   * weight[:, None]).sum(-1) / total
-            var_f = (((fixed_values[None] - mean_f[..., None]) ** 2) * weight[:, None]).sum(-1)
-            gain = (cov / (var_f / total).clamp_min(1e-12)).clamp_min(1e-3)
-            error = ((sampled - mean_m[..., None]) / gain[..., None]
-                     - (fixed_values[None] - mean_f[..., None])) / scale[None, :, None]
+            if intensity_bins:
+                predicted, slope = _binned_map(fixed_values, sampled, weight, bins)
+                # Residual and Jacobian in units of the moving volume's spread: the map's slope
+                # carries the fixed image's gradient into the moving image's contrast.
+                spread = _robust_scale(sampled, weight[:, None]).clamp_min(1e-6)  # (b, C)
+                error = (sampled - predicted) / spread[..., None]
+                gain = slope / spread[..., None] * scale[None, :, None]  # (b, C, N)
+            else:
+                # Per volume and channel linear intensity fit: moving ~ gain * fixed + offset.
+                total = weight.sum(-1).clamp_min(1e-6)[:, None]
+                mean_f = (fixed_values[None] * weight[:, None]).sum(-1) / total
+                mean_m = (sampled * weight[:, None]).sum(-1) / total
+                cov = ((fixed_values[None] - mean_f[..., None]) * (sampled - mean_m[..., None])
+                       * weight[:, None]).sum(-1) / total
+                var_f = (((fixed_values[None] - mean_f[..., None]) ** 2) * weight[:, None]).sum(-1)
+                gain = (cov / (var_f / total).clamp_min(1e-12)).clamp_min(1e-3)
+                error = ((sampled - mean_m[..., None]) / gain[..., None]
+                         - (fixed_values[None] - mean_f[..., None])) / scale[None, :, None]
+                gain = None
 
             # Huber weights from a robust (MAD) residual scale per volume and channel.
             sigma = 1.4826 * error.abs().median(dim=-1).values.clamp_min(1e-6)
@@ -182,9 +273,15 @@ def register_rigid(
             w = (weight[:, None] * robust * (weights_c / scale ** 2)[None, :, None]).to(
                 torch.float64)  # (b, C, N)
             jac = jacobian.to(torch.float64)  # (C, N, 6)
-            hessian = torch.einsum("bcn,cni,cnj->bij", w, jac, jac)
-            gradient = torch.einsum("bcn,cni,bcn->bi", w, jac,
-                                    (error * scale[None, :, None]).to(torch.float64))
+            if gain is None:
+                hessian = torch.einsum("bcn,cni,cnj->bij", w, jac, jac)
+                gradient = torch.einsum("bcn,cni,bcn->bi", w, jac,
+                                        (error * scale[None, :, None]).to(torch.float64))
+            else:  # the map's slope per point scales the Jacobian
+                gain = gain.to(torch.float64)
+                hessian = torch.einsum("bcn,cni,cnj->bij", w * gain ** 2, jac, jac)
+                gradient = torch.einsum("bcn,cni,bcn->bi", w * gain, jac,
+                                        (error * scale[None, :, None]).to(torch.float64))
             # The floor keeps the system solvable when a volume has left the field of view.
             damping = 1e-6 * hessian.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-9
             step = torch.linalg.solve(hessian + damping * torch.eye(6, dtype=torch.float64,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from .. import __version__
+from .anat import init_anat_runs_wf
 from .bold import init_series_wf
 
 
@@ -22,6 +23,22 @@ class SeriesRun:
     reference_candidates: list[int] | None = None  # DWI: b=0 volumes; ASL: control volumes
     require_tr: bool = True  # DWI and PET go on without a repetition time
     gradients: tuple[str, str] | None = None  # DWI: (bval, bvec) files
+    intensity_bins: int = 0  # PET: contrast changes across frames (see register_rigid)
+
+
+@dataclass
+class AnatomicalRuns:
+    """The runs of one anatomical contrast in one session (same entities but run), to align
+    to the first: ``path`` is that reference run."""
+
+    paths: list[str]
+    subject: str
+    suffix: str
+    masks: list[str | None] = field(default_factory=list)  # the user's mask of each run
+
+    @property
+    def path(self) -> str:
+        return self.paths[0]
 
 
 @dataclass
@@ -50,7 +67,7 @@ class WorkflowOptions:
     template_home: str | None = None
 
 
-def init_unimo_bids_wf(runs: list[SeriesRun], options: WorkflowOptions) -> Workflow:
+def init_unimo_bids_wf(runs: list[SeriesRun | AnatomicalRuns], options: WorkflowOptions) -> Workflow:
     """Build the participant-level workflow: one sub-workflow per subject.
 
     Inputs
@@ -69,7 +86,7 @@ def init_unimo_bids_wf(runs: list[SeriesRun], options: WorkflowOptions) -> Workf
     return workflow
 
 
-def init_single_subject_wf(subject: str, runs: list[SeriesRun], options: WorkflowOptions
+def init_single_subject_wf(subject: str, runs: list[SeriesRun | AnatomicalRuns], options: WorkflowOptions
                            ) -> Workflow:
     """Motion-correct every series of one subject; each series is independent of the others,
     so a series that fails does not stop the rest.
@@ -94,6 +111,11 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
 2012; standardised DVARS: Nichols, 2013.
 """
     for run in sorted(runs, key=lambda r: r.path):
+        if isinstance(run, AnatomicalRuns):
+            workflow.add_nodes([init_anat_runs_wf(
+                run.paths, options.bids_dir, options.output_dir, masks=run.masks,
+                device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed)])
+            continue
         workflow.add_nodes([init_series_wf(
             run.path, options.bids_dir, options.output_dir, run.metadata,
             hmc_ref=options.hmc_ref or ("first" if run.ref_mask else "auto"),
@@ -108,5 +130,6 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
             template_home=options.template_home, deformable=options.deformable,
             deform_weights=options.deform_weights, deform_predictor=options.deform_predictor,
             suffix=run.suffix, reference_candidates=run.reference_candidates,
-            require_tr=run.require_tr, gradients=run.gradients)])
+            require_tr=run.require_tr, gradients=run.gradients,
+            intensity_bins=run.intensity_bins)])
     return workflow

@@ -174,6 +174,7 @@ def init_series_wf(
     reference_candidates: list[int] | None = None,
     require_tr: bool = True,
     gradients: tuple[str, str] | None = None,
+    intensity_bins: int = 0,
     name: str | None = None,
 ) -> Workflow:
     """Motion-correct one 4D series and write its derivatives.
@@ -198,6 +199,9 @@ def init_series_wf(
     require_tr: fail the series without a repetition time (time series); DWI and PET go on.
     gradients: (bval, bvec) files of a DWI series: the b-vectors are rotated by each volume's
         motion and written with the series, and a per-shell outlier measure is added.
+    intensity_bins: 0 registers each volume assuming a linear intensity relation to the
+        reference; n > 0 allows any function of it (PET frames, whose contrast changes), and
+        leaves out the per-volume shape maps.
 
     Inputs
     ------
@@ -266,7 +270,8 @@ volume ({ref}). {masks}{network}{refinement}
     reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
     unimo_rigid = pe.Node(
         UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed, weights=weights,
-                   refine=refine, moving_anatomy=moving_anatomy, use_gpu=on_gpu),
+                   refine=refine, moving_anatomy=moving_anatomy,
+                   intensity_bins=intensity_bins, use_gpu=on_gpu),
         name="unimo_rigid", mem_gb=4 * mem_gb, n_procs=gpu_procs)
     apply_hmc = pe.Node(ApplyHeadMotion(device=device, num_threads=omp_nthreads, use_gpu=on_gpu),
                         name="apply_hmc", mem_gb=3 * mem_gb, n_procs=gpu_procs)
@@ -355,7 +360,9 @@ volume ({ref}). {masks}{network}{refinement}
         workflow.connect(segment, "out_ref_mask", reference_mask, "out")
     if moving_anatomy:  # tracked masks: the rigid step makes its own shape maps
         workflow.connect(segment, "out_masks", unimo_rigid, "in_masks")
-    else:
+    elif not intensity_bins:
+        # Where contrast changes from volume to volume (PET), each volume's mask follows its
+        # contrast, and the shapes mislead the registration more than they guide it.
         workflow.connect([
             (segment, volume_shapes, [("out_masks", "in_masks")]),
             (volume_shapes, unimo_rigid, [("out_file", "in_shape_maps")]),

@@ -1,0 +1,175 @@
+"""Aligning the runs of one anatomical contrast (e.g. fetal T2w stacks) to a reference run.
+
+The aligned runs keep their voxels: only the header's voxel-to-world affine changes, so thick
+slices are never interpolated (slice-to-volume reconstruction, out of scope here, wants them
+as acquired).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from ..unimo.devices import run_with_memory_fallback
+from ..unimo.geometry import mean_displacement, world_points
+from ..unimo.runs import align_run
+from ..unimo.segment import reference_mask
+from .segment import _voxel_size, load_user_mask
+from .series import SeriesError
+from .unimo import _set_threads, use_gpu_trait, write_itk_transforms
+
+# A fetal brain moves inside still tissue: look only just beyond a user's brain mask. An
+# automatic mask of a whole head moves with it, and its scalp helps.
+USER_MASK_MARGIN_MM = 4.0
+AUTOMATIC_MASK_MARGIN_MM = 8.0
+
+
+def load_run(path: str):
+    """(image, (X, Y, Z) float32 data) of a 3D run, checked; SeriesError names the file."""
+    try:
+        img = nb.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:
+        raise SeriesError(f"{path}: cannot read the image ({' '.join(str(err).split())})") \
+            from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SeriesError(f"{path}: an anatomical run must be a 3D image, got shape "
+                          f"{data.shape}")
+    if not np.isfinite(data).all():
+        raise SeriesError(f"{path}: the image holds NaN or infinite values")
+    if not np.ptp(data) > 0:
+        raise SeriesError(f"{path}: the image is constant (no anatomy to align)")
+    return img, data
+
+
+def aligned_image(img, data: np.ndarray, transform: np.ndarray, dtype=None):
+    """The run with its voxels unchanged and its affine moved into the reference's world:
+    voxel -> run world (A) -> reference world (transform^-1 A). Header fields kept."""
+    affine = np.linalg.inv(transform) @ img.affine
+    header = img.header.copy()
+    if dtype is not None:
+        header.set_data_dtype(dtype)
+    out = nb.Nifti1Image(data if dtype is None else data.astype(dtype), affine, header)
+    out.set_sform(affine, int(img.header["sform_code"]) or 1)
+    out.set_qform(affine, int(img.header["qform_code"]) or 1)
+    return out
+
+
+def rotation_degrees(transform: np.ndarray) -> float:
+    """Angle (degrees) of the rotation part of a rigid (4, 4) transform."""
+    cosine = (np.trace(transform[:3, :3]) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+class _AlignRunsInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(File(exists=True), mandatory=True, minlen=2,
+                           desc="3D runs of one contrast; the first is the reference")
+    in_masks = traits.List(traits.Str, desc="the user's brain mask of each run ('' for none; "
+                                            "same grid as its run)")
+    source_uris = traits.List(traits.Str, desc="BIDS URI of each run, for the sidecars")
+    device = traits.Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    seed = traits.Either(None, traits.Int, default=None, usedefault=True,
+                         desc="random seed (deterministic algorithms)")
+    use_gpu = use_gpu_trait()
+
+
+class _AlignRunsOutputSpec(TraitedSpec):
+    out_run_files = traits.List(traits.List(File(exists=True)),
+                                desc="per run: aligned image, ITK transform[, aligned mask]")
+    out_run_names = traits.List(traits.List(traits.Str),
+                                desc="per run: derivative names after the source entities")
+    out_sidecars = traits.List(traits.Dict, desc="per run: metadata of the aligned image")
+
+
+class AlignRuns(SimpleInterface):
+    """Rigidly align each run to the first (``unimo_bids.unimo.runs.align_run``).
+
+    Masks: the user's where given; otherwise the reference run's classical brain mask and no
+    mask of the other runs (their intensities alone, from every cube rotation). Each aligned
+    run is written with its voxels unchanged and a new affine; its transform (reference world
+    -> run world, ITK) and, with a mask, the mask with the same new affine.
+    """
+
+    input_spec = _AlignRunsInputSpec
+    output_spec = _AlignRunsOutputSpec
+
+    def _run_interface(self, runtime):
+        _set_threads(self.inputs.num_threads, self.inputs.seed)
+        files = list(self.inputs.in_files)
+        masks = list(self.inputs.in_masks) if self.inputs.in_masks else [""] * len(files)
+        uris = list(self.inputs.source_uris) if self.inputs.source_uris else files
+        suffix = os.path.basename(files[0]).split(".")[0].rsplit("_", 1)[-1]
+        runs = [load_run(path) for path in files]
+        user_masks = []
+        for (img, _), mask in zip(runs, masks):
+            try:
+                user_masks.append(load_user_mask(mask, img) if mask else None)
+            except ValueError as err:
+                raise SeriesError(str(err)) from None
+        ref_img, ref_data = runs[0]
+        ref_mask = user_masks[0]
+        if ref_mask is None:
+            ref_mask = reference_mask(ref_data, _voxel_size(ref_img))
+            if not ref_mask.any():
+                raise SeriesError(f"{files[0]}: no brain found in the reference run (empty "
+                                  "automatic mask); give its mask with --derivatives")
+        by_user = user_masks[0] is not None
+        margin = USER_MASK_MARGIN_MM if by_user else AUTOMATIC_MASK_MARGIN_MM
+        points = world_points(ref_mask.shape, ref_img.affine, ref_mask)[::7]
+
+        run_files, run_names, sidecars = [], [], []
+        for index, ((img, data), mask) in enumerate(zip(runs, user_masks)):
+            if index == 0:
+                transform, residual, overlap = np.eye(4), 0.0, 1.0
+            else:
+                found = run_with_memory_fallback(
+                    lambda device, _: align_run(ref_data, ref_img.affine, ref_mask, data,
+                                                img.affine, mask if by_user else None,
+                                                margin_mm=margin, device=device),
+                    self.inputs.device, 1)
+                transform, residual, overlap = found.transform, found.residual, found.overlap
+            stem = os.path.join(runtime.cwd, f"run{index:03d}")
+            aligned = aligned_image(img, np.asanyarray(img.dataobj), transform)
+            aligned.to_filename(stem + "_aligned.nii")
+            write_itk_transforms(transform[None], stem + "_xfm.txt")
+            files_out = [stem + "_aligned.nii", stem + "_xfm.txt"]
+            names = [f"desc-aligned_{suffix}.nii.gz",
+                     f"from-orig_to-{suffix}ref_mode-image_xfm.txt"]
+            if mask is not None:
+                aligned_image(img, mask, transform, np.uint8).to_filename(stem + "_mask.nii")
+                files_out.append(stem + "_mask.nii")
+                names.append("desc-brain_mask.nii.gz")
+            run_files.append(files_out)
+            run_names.append(names)
+            sidecars.append({f"desc-aligned_{suffix}.json": {
+                "Sources": [uris[index]],
+                "SpatialReference": uris[0],
+                "Description": "The run's voxels unchanged; its affine moved rigidly into the "
+                               "reference run's world (no resampling).",
+                "RigidAlignment": {
+                    "ReferenceRun": uris[0],
+                    "RotationDegrees": round(rotation_degrees(transform), 4),
+                    "TranslationMillimetres": round(float(np.linalg.norm(transform[:3, 3])), 4),
+                    "MeanDisplacementMillimetres": round(float(mean_displacement(
+                        transform[None], np.eye(4)[None], points)[0]), 4),
+                    "Residual": round(float(residual), 6),
+                    "Overlap": round(float(overlap), 4),
+                    "Masks": "user" if by_user else "automatic (reference run only)",
+                },
+            }})
+        self._results["out_run_files"] = run_files
+        self._results["out_run_names"] = run_names
+        self._results["out_sidecars"] = sidecars
+        return runtime
