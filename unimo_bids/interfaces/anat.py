@@ -23,6 +23,7 @@ from ..unimo.devices import run_with_memory_fallback
 from ..unimo.geometry import mean_displacement, world_points
 from ..unimo.runs import align_run
 from ..unimo.segment import reference_mask
+from ..unimo.segnet import load_segmenter, segment_with_model
 from .segment import _voxel_size, load_user_mask
 from .series import SeriesError
 from .unimo import _set_threads, use_gpu_trait, write_itk_transforms
@@ -78,6 +79,8 @@ class _AlignRunsInputSpec(BaseInterfaceInputSpec):
     in_masks = traits.List(traits.Str, desc="the user's brain mask of each run ('' for none; "
                                             "same grid as its run)")
     source_uris = traits.List(traits.Str, desc="BIDS URI of each run, for the sidecars")
+    seg_model = File(exists=True, desc="trained segmenter (TorchScript) for the runs without "
+                                       "a user's mask")
     device = traits.Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     seed = traits.Either(None, traits.Int, default=None, usedefault=True,
@@ -96,8 +99,9 @@ class _AlignRunsOutputSpec(TraitedSpec):
 class AlignRuns(SimpleInterface):
     """Rigidly align each run to the first (``unimo_bids.unimo.runs.align_run``).
 
-    Masks: the user's where given; otherwise the reference run's classical brain mask and no
-    mask of the other runs (their intensities alone, from every cube rotation). Each aligned
+    Masks: the user's where given, else the trained segmenter's (``seg_model``) when there is
+    one; without either, the reference run's classical brain mask and no mask of the other
+    runs (their intensities alone, from every cube rotation). Each aligned
     run is written with its voxels unchanged and a new affine; its transform (reference world
     -> run world, ITK) and, with a mask, the mask with the same new affine.
     """
@@ -112,19 +116,26 @@ class AlignRuns(SimpleInterface):
         uris = list(self.inputs.source_uris) if self.inputs.source_uris else files
         suffix = os.path.basename(files[0]).split(".")[0].rsplit("_", 1)[-1]
         runs = [load_run(path) for path in files]
-        user_masks = []
+        user_masks, source = [], "user"
         for (img, _), mask in zip(runs, masks):
             try:
                 user_masks.append(load_user_mask(mask, img) if mask else None)
             except ValueError as err:
                 raise SeriesError(str(err)) from None
+        if self.inputs.seg_model and any(mask is None for mask in user_masks):
+            model, _ = load_segmenter(self.inputs.seg_model, self.inputs.device)
+            user_masks = [segment_with_model(model, data, img.affine, self.inputs.device)
+                          if mask is None else mask
+                          for (img, data), mask in zip(runs, user_masks)]
+            source = "segmenter" if not any(masks) else "user and segmenter"
         ref_img, ref_data = runs[0]
         ref_mask = user_masks[0]
-        if ref_mask is None:
+        if ref_mask is None or not ref_mask.any():
             ref_mask = reference_mask(ref_data, _voxel_size(ref_img))
             if not ref_mask.any():
                 raise SeriesError(f"{files[0]}: no brain found in the reference run (empty "
                                   "automatic mask); give its mask with --derivatives")
+            user_masks[0] = None
         by_user = user_masks[0] is not None
         margin = USER_MASK_MARGIN_MM if by_user else AUTOMATIC_MASK_MARGIN_MM
         points = world_points(ref_mask.shape, ref_img.affine, ref_mask)[::7]
@@ -166,7 +177,7 @@ class AlignRuns(SimpleInterface):
                         transform[None], np.eye(4)[None], points)[0]), 4),
                     "Residual": round(float(residual), 6),
                     "Overlap": round(float(overlap), 4),
-                    "Masks": "user" if by_user else "automatic (reference run only)",
+                    "Masks": source if by_user else "automatic (reference run only)",
                 },
             }})
         self._results["out_run_files"] = run_files

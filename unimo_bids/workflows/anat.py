@@ -26,6 +26,7 @@ def init_anat_runs_wf(
     device: str = "cpu",
     omp_nthreads: int = 1,
     seed: int | None = None,
+    seg_model: str | None = None,
     name: str | None = None,
 ) -> Workflow:
     """Align each run to the first and write, per run, its aligned image (voxels unchanged,
@@ -35,11 +36,12 @@ def init_anat_runs_wf(
 
     run_files: 3D runs of one suffix in one session, the reference first.
     masks: the user's brain mask of each run (None for none), e.g. from --derivatives.
+    seg_model: a trained segmenter (TorchScript) for the runs without a user's mask.
     """
     suffix = os.path.basename(run_files[0]).split(".")[0].rsplit("_", 1)[-1]
     workflow = Workflow(name=name or series_workflow_name(run_files[0]))
     shape = (", and on the signed distance maps of the brain masks at coarse resolutions,"
-             if masks and any(masks) else "")
+             if (masks and any(masks)) or seg_model else "")
     workflow.__desc__ = f"""\
 The {len(run_files)} {suffix} runs were aligned rigidly to the first with the registration of
 *unimo-bids* (multi-resolution Gauss-Newton on intensities{shape} started from each of the 24
@@ -54,6 +56,8 @@ affine changed (no resampling).
                   device=device, num_threads=omp_nthreads, seed=seed, use_gpu=on_gpu),
         name="align_runs", mem_gb=sum(8 * estimate_mem_gb(f) for f in run_files),
         n_procs=1 if on_gpu else omp_nthreads)
+    if seg_model:
+        align.inputs.seg_model = seg_model
     for index, run_file in enumerate(run_files):
         write = pe.Node(WriteDerivatives(base_directory=output_dir, bids_dir=bids_dir,
                                          source_file=run_file),

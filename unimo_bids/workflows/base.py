@@ -114,7 +114,8 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
         if isinstance(run, AnatomicalRuns):
             workflow.add_nodes([init_anat_runs_wf(
                 run.paths, options.bids_dir, options.output_dir, masks=run.masks,
-                device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed)])
+                device=options.device, omp_nthreads=options.omp_nthreads, seed=options.seed,
+                seg_model=options.seg_model)])
             continue
         workflow.add_nodes([init_series_wf(
             run.path, options.bids_dir, options.output_dir, run.metadata,
