@@ -246,6 +246,12 @@ more than 2 mm and within 20 % of each other's residual, both go on to the fines
 the lower final residual wins (`unimo.hmc._rival_start`). On the head-motion benchmark
 (section 8, unimo rows) accuracy is unchanged; seconds per volume went from 0.15/0.14/0.20 to
 0.14/0.16/0.22 (small/large/any rotation).
+
+Tried and not adopted (2026-11-22): registering each DWI shell within itself (to its medoid
+volume) and carrying it to the b=0 reference by the median of the volumes' cross-contrast
+transforms. The b=1000 error went from 0.279 to 0.356 mm (small regime) and from 0.422 to
+0.300 mm (large): the per-shell transform's own error, which changes with the head's position,
+outweighs the gain in within-shell precision.
 """
 
 

@@ -280,8 +280,8 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
     candidates (the label/control alternation then never enters the reference). PET: no
     repetition time needed; the reference is chosen among the last third of the frames,
     whose tracer distribution changes least, and each frame may relate to it by any function
-    of intensity (``PET_INTENSITY_BINS``). Raises UsageError (one line, naming the file) for a DWI series
-    without a gradient table.
+    of intensity (``PET_INTENSITY_BINS``). Raises UsageError (one line, naming the file) for
+    a DWI series without a gradient table.
     """
     import nibabel as nb
 

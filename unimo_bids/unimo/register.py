@@ -249,7 +249,10 @@ def register_rigid(
                 predicted, slope = _binned_map(fixed_values, sampled, weight, bins)
                 # Residual and Jacobian in units of the moving volume's spread: the map's slope
                 # carries the fixed image's gradient into the moving image's contrast.
-                spread = _robust_scale(sampled, weight[:, None]).clamp_min(1e-6)  # (b, C)
+                total = weight.sum(-1).clamp_min(1e-12)[:, None]
+                mean_m = (sampled * weight[:, None]).sum(-1) / total
+                spread = ((((sampled - mean_m[..., None]) ** 2) * weight[:, None]).sum(-1)
+                          / total).sqrt().clamp_min(1e-6)  # (b, C)
                 error = (sampled - predicted) / spread[..., None]
                 gain = slope / spread[..., None] * scale[None, :, None]  # (b, C, N)
             else:
