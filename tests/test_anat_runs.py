@@ -50,6 +50,25 @@ def test_cube_rotations_are_the_24_proper_rotations():
     assert len({r.round().astype(int).tobytes() for r in rotations}) == 24
 
 
+def test_one_moving_volume_from_several_starts_equals_the_volume_repeated(mni_template):
+    """register_rigid samples a single moving volume once for all its starts; the result is
+    that of the volume repeated once per start."""
+    from unimo_bids.unimo.register import DEFAULT_LEVELS, register_rigid
+
+    volume, affine = mni_template
+    fixed = torch.as_tensor(volume[::2, ::2, ::2].copy())[None]
+    grid = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    center = centroids(fixed[0].numpy() > np.percentile(volume, 60), grid)
+    starts = np.stack([rigid_matrix(angles, shift, center) for angles, shift in
+                       (((0, 0, 0), (0, 0, 0)), ((8, -5, 3), (4, 2, -3)), ((-6, 4, 9), (-5, 0, 2)))])
+    moving = torch.as_tensor(np.roll(volume[::2, ::2, ::2], 2, axis=0).copy())[None, None]
+    once = register_rigid(fixed, moving, grid, grid, init=starts, levels=DEFAULT_LEVELS[:2])
+    repeated = register_rigid(fixed, moving.repeat(3, 1, 1, 1, 1), grid, grid, init=starts,
+                              levels=DEFAULT_LEVELS[:2])
+    assert np.allclose(once.transforms, repeated.transforms, atol=1e-6)
+    assert np.allclose(once.residual, repeated.residual, atol=1e-6)
+
+
 @pytest.mark.parametrize("angles", [(25, -10, 15), (120, 40, -30), (170, 10, 60)])
 def test_a_coronal_stack_moved_by_any_rotation_is_aligned_to_an_axial_run(mni_template,
                                                                           angles):
