@@ -277,3 +277,22 @@ def test_real_fetal_stacks_with_the_packaged_segmenter(tmp_path):
     gap = mean_displacement(estimate[None], manual[None],
                             world_points(mask1.shape, affine1, mask1)[::7])[0]
     assert gap < 1.5, f"{gap:.2f} mm"  # measured 0.72 mm
+
+
+def test_runs_are_grouped_by_contrast_and_session(mni_template, tmp_path):
+    """Two T1w runs form a group (run 1 first); a lone T2w is named in a warning."""
+    from unimo_bids.cli.bids import collect_runs
+
+    volume, affine = mni_template
+    bids = _t1w_dataset(tmp_path / "bids", volume, affine,
+                        [(volume, affine), (volume, affine), (volume, affine)])
+    anat = bids / "sub-01" / "anat"
+    (anat / "sub-01_run-3_T1w.nii.gz").rename(anat / "sub-01_T2w.nii.gz")
+    (anat / "sub-01_run-2_T1w.nii.gz").rename(anat / "sub-01_run-10_T1w.nii.gz")
+    runs, errors, warnings = collect_runs(bids, tmp_path / "work", datatypes=("anat",),
+                                          validate=False)
+    assert not errors and len(runs) == 1
+    assert [Path(p).name for p in runs[0].paths] == ["sub-01_run-1_T1w.nii.gz",
+                                                      "sub-01_run-10_T1w.nii.gz"]
+    assert any("1 anatomical image(s) have no other run of the same contrast" in w
+               and w.endswith("sub-01_T2w.nii.gz") for w in warnings)

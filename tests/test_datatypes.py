@@ -404,3 +404,45 @@ def test_an_inverted_contrast_is_registered_with_intensity_bins(mni_template):
                                          points)[0]
     print(f"inverted contrast: linear {errors[0]:.2f} mm, binned {errors[16]:.3f} mm")
     assert errors[16] < 0.3 and errors[0] > 1.0, errors
+
+
+def test_alternating_controls_are_found_through_drift_and_noise():
+    from unimo_bids.unimo.reference import alternating_controls
+
+    rng = np.random.default_rng(4)
+    count = 60
+    drift = 1000 + 0.8 * np.arange(count) + 5 * np.sin(np.arange(count) / 7)
+    labelled = np.where(np.arange(count) % 2 == 0, -3.0, 0.0)  # even volumes labelled
+    found = alternating_controls(drift + labelled + rng.normal(0, 1.0, count))
+    assert found is not None and list(found[:3]) == [1, 3, 5]
+    found = alternating_controls(drift + np.roll(labelled, 1) + rng.normal(0, 1.0, count))
+    assert found is not None and list(found[:3]) == [0, 2, 4]  # odd labelled: even controls
+    assert alternating_controls(drift + rng.normal(0, 1.0, count)) is None  # no alternation
+    assert alternating_controls(drift[:4]) is None
+
+
+def test_real_asl_without_aslcontext_takes_the_brighter_volumes_as_controls(tmp_path):
+    """No aslcontext.tsv: the real pCASL series' alternation names the odd volumes controls,
+    with a warning; the real BOLD series shows no alternation."""
+    from unimo_bids.cli.bids import collect_runs
+
+    data = shared_data()
+    bids = tmp_path / "bids"
+    for folder, name, source in (("perf", "sub-01_asl", data / "asl" / "dcmqaasl_9_pcasl_2d"),
+                                 ("perf", "sub-02_asl", data / "bold" / "xa30_task-fa_bold")):
+        subject = name.split("_")[0]
+        (bids / subject / folder).mkdir(parents=True)
+        shutil.copyfile(f"{source}.nii.gz", bids / subject / folder / f"{name}.nii.gz")
+        shutil.copyfile(f"{source}.json", bids / subject / folder / f"{name}.json")
+    (bids / "dataset_description.json").write_text(json.dumps(
+        {"Name": "asl", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    runs, errors, warnings = collect_runs(bids, tmp_path / "work", datatypes=("perf",),
+                                          validate=False)
+    assert not errors
+    by_subject = {run.subject: run for run in runs}
+    assert by_subject["01"].reference_candidates == list(range(1, 102, 2))
+    assert by_subject["02"].reference_candidates is None
+    assert any("sub-01_asl.nii.gz: no sub-01_aslcontext.tsv; its odd volumes" in w
+               for w in warnings)
+    assert any("sub-02_asl.nii.gz: no sub-02_aslcontext.tsv, and no label/control alternation"
+               in w for w in warnings)

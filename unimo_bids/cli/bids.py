@@ -9,6 +9,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..interfaces.io import write_atomically
 from ..workflows.base import AnatomicalRuns, SeriesRun
@@ -221,10 +223,12 @@ def collect_runs(
         run = SeriesRun(path=path, subject=subject, metadata=dict(metadata),
                         suffix=layout.parse_file_entities(path)["suffix"])
         try:
-            describe_series_kind(run, layout)
+            note = describe_series_kind(run, layout)
         except UsageError as err:
             errors.append((subject, str(err)))
             continue
+        if note:
+            warnings.append(note)
         runs.append(run)
     if any(run.suffix == "dwi" for run in runs):
         warnings.append("DWI is experimental: volumes with b > 0 are registered to the b=0 "
@@ -272,16 +276,42 @@ def group_anatomical_runs(paths: list[str], layout) -> tuple[list[AnatomicalRuns
     return groups, sorted(singles)
 
 
-def describe_series_kind(run: SeriesRun, layout) -> None:
+def guess_asl_controls(run: SeriesRun, context: Path) -> str:
+    """Without aslcontext.tsv: the control volumes told by the alternation of the series'
+    mean signal (``unimo.reference.alternating_controls``). Returns the warning to show."""
+    import nibabel as nb
+
+    from ..unimo.reference import alternating_controls
+
+    try:
+        data = np.asarray(nb.load(run.path).dataobj, dtype=np.float32)
+    except Exception:  # an unreadable series: its validation node reports it
+        data = None
+    if data is None or data.ndim != 4:
+        return f"{run.path}: no {context.name}; its label and control volumes are unknown"
+    mean = data.mean(axis=-1)
+    controls = alternating_controls(data[mean > np.percentile(mean, 75)].mean(axis=0))
+    if controls is None:
+        return (f"{run.path}: no {context.name}, and no label/control alternation stands out; "
+                "the reference may be any volume")
+    run.reference_candidates = controls.tolist()
+    parity = "odd" if controls[0] == 1 else "even"
+    return (f"{run.path}: no {context.name}; its {parity} volumes (counting from 0) are the "
+            "brighter ones, so they are taken as the control volumes the reference is chosen "
+            "from")
+
+
+def describe_series_kind(run: SeriesRun, layout) -> str | None:
     """What the workflow needs to know about a series beyond BOLD (sets fields of ``run``).
 
     DWI: its .bval/.bvec (BIDS inheritance), and the b=0 volumes as reference candidates; no
     repetition time needed. ASL: the control volumes of its aslcontext.tsv as reference
-    candidates (the label/control alternation then never enters the reference). PET: no
-    repetition time needed; the reference is chosen among the last third of the frames,
-    whose tracer distribution changes least, and each frame may relate to it by any function
-    of intensity (``PET_INTENSITY_BINS``). Raises UsageError (one line, naming the file) for
-    a DWI series without a gradient table.
+    candidates (the label/control alternation then never enters the reference); without
+    aslcontext.tsv (BIDS requires it), the controls are told by the alternation of the signal,
+    and a warning is returned. PET: no repetition time needed; the reference is chosen among
+    the last third of the frames, whose tracer distribution changes least, and each frame may
+    relate to it by any function of intensity (``PET_INTENSITY_BINS``). Raises UsageError (one
+    line, naming the file) for a DWI series without a gradient table.
     """
     import nibabel as nb
 
@@ -310,6 +340,8 @@ def describe_series_kind(run: SeriesRun, layout) -> None:
                      if line.strip()]
             run.reference_candidates = [i for i, kind in enumerate(kinds)
                                         if kind == "control"] or None
+        else:
+            return guess_asl_controls(run, context)
     elif run.suffix == "pet":
         run.require_tr = False
         run.intensity_bins = PET_INTENSITY_BINS

@@ -36,6 +36,28 @@ def detect_non_steady_state(series: np.ndarray, max_leading: int = 10) -> int:
     return min(count, n_vols - 2)
 
 
+def alternating_controls(signal, min_z: float = 4.0) -> np.ndarray | None:
+    """Indices of the control volumes of a label/control series without its context file, or
+    None when no alternation stands out.
+
+    signal: (T,) mean brain intensity per volume. Each volume's deviation from the mean of its
+    two neighbours removes slow drifts; in an alternating series the deviations of odd and even
+    volumes differ in sign. When their difference exceeds ``min_z`` standard errors, the
+    brighter parity is the control (labelling lowers the signal).
+    """
+    signal = np.asarray(signal, dtype=float)
+    if len(signal) < 6:
+        return None
+    deviation = signal[1:-1] - 0.5 * (signal[:-2] + signal[2:])
+    parity = np.arange(1, len(signal) - 1) % 2
+    odd, even = deviation[parity == 1], deviation[parity == 0]
+    spread = np.sqrt(odd.var(ddof=1) / len(odd) + even.var(ddof=1) / len(even))
+    difference = odd.mean() - even.mean()
+    if not spread > 0 or abs(difference) < min_z * spread:
+        return None
+    return np.arange(1 if difference > 0 else 0, len(signal), 2)
+
+
 def parse_reference_mode(mode) -> str | int:
     """Validate ``--hmc-ref``: 'auto', 'first', 'middle', 'mean' or a volume index >= 0."""
     if isinstance(mode, int) or (isinstance(mode, str) and mode.isdigit()):
