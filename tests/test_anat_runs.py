@@ -129,6 +129,7 @@ def test_anat_runs_are_aligned_through_the_cli(mni_template, tmp_path):
                - np.degrees(np.arccos((np.trace(moved[:3, :3]) - 1) / 2))) < 0.5
     assert (folder / "sub-01_run-2_from-orig_to-T1wref_mode-image_xfm.txt").is_file()
     assert "Aligned runs" in (out / "sub-01.html").read_text()
+    assert main([str(bids), str(out), "group"]) == 0  # nothing to collect, not an error
 
     from bids import BIDSLayout
 

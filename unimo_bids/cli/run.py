@@ -428,6 +428,10 @@ def run_group(args) -> int:
 
     output_dir = args.output_dir.absolute()
     suffixes = group_suffixes(output_dir)
+    if not suffixes and list(output_dir.glob("sub-*/**/*_desc-aligned_*.json")):
+        print(f"unimo-bids: nothing to collect in {output_dir}: it holds aligned anatomical "
+              "runs only (their alignments are in each subject's report)")
+        return 0
     if not suffixes:
         raise UsageError(f"{output_dir}: no participant-level outputs (*_desc-qc_<suffix>.json); "
                          "run the participant level first")
