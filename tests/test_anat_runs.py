@@ -128,7 +128,9 @@ def test_anat_runs_are_aligned_through_the_cli(mni_template, tmp_path):
     assert abs(sidecar["RigidAlignment"]["RotationDegrees"]
                - np.degrees(np.arccos((np.trace(moved[:3, :3]) - 1) / 2))) < 0.5
     assert (folder / "sub-01_run-2_from-orig_to-T1wref_mode-image_xfm.txt").is_file()
-    assert "Aligned runs" in (out / "sub-01.html").read_text()
+    report = (out / "sub-01.html").read_text()
+    assert "Aligned runs" in report and "sub-01_run-2_desc-alignment_T1w.svg" in report
+    assert (out / "sub-01" / "figures" / "sub-01_run-2_desc-alignment_T1w.svg").stat().st_size > 0
     assert main([str(bids), str(out), "group"]) == 0  # nothing to collect, not an error
 
     from bids import BIDSLayout

@@ -24,6 +24,7 @@ from ..unimo.geometry import mean_displacement, world_points
 from ..unimo.runs import align_run
 from ..unimo.segment import reference_mask
 from ..unimo.segnet import load_segmenter, segment_with_model
+from .reports import plot_aligned_run
 from .segment import _voxel_size, load_user_mask
 from .series import SeriesError
 from .unimo import _set_threads, use_gpu_trait, write_itk_transforms
@@ -94,6 +95,10 @@ class _AlignRunsOutputSpec(TraitedSpec):
     out_run_names = traits.List(traits.List(traits.Str),
                                 desc="per run: derivative names after the source entities")
     out_sidecars = traits.List(traits.Dict, desc="per run: metadata of the aligned image")
+    out_run_figures = traits.List(traits.List(File(exists=True)),
+                                  desc="per run: its alignment figure (none for the reference)")
+    out_figure_names = traits.List(traits.List(traits.Str),
+                                   desc="per run: figure names after the source entities")
 
 
 class AlignRuns(SimpleInterface):
@@ -140,7 +145,8 @@ class AlignRuns(SimpleInterface):
         margin = USER_MASK_MARGIN_MM if by_user else AUTOMATIC_MASK_MARGIN_MM
         points = world_points(ref_mask.shape, ref_img.affine, ref_mask)[::7]
 
-        run_files, run_names, sidecars = [], [], []
+        run_files, run_names, sidecars, run_figures, figure_names = [], [], [], [], []
+        mask_img = nb.Nifti1Image(ref_mask.astype(np.uint8), ref_img.affine)
         for index, ((img, data), mask) in enumerate(zip(runs, user_masks)):
             if index == 0:
                 transform, residual, overlap = np.eye(4), 0.0, 1.0
@@ -164,6 +170,13 @@ class AlignRuns(SimpleInterface):
                 names.append("desc-brain_mask.nii.gz")
             run_files.append(files_out)
             run_names.append(names)
+            if index == 0:
+                run_figures.append([])
+                figure_names.append([])
+            else:
+                run_figures.append([plot_aligned_run(ref_img, nb.load(stem + "_aligned.nii"),
+                                                     mask_img, stem + "_alignment.svg")])
+                figure_names.append([f"desc-alignment_{suffix}"])
             sidecars.append({f"desc-aligned_{suffix}.json": {
                 "Sources": [uris[index]],
                 "SpatialReference": uris[0],
@@ -183,4 +196,6 @@ class AlignRuns(SimpleInterface):
         self._results["out_run_files"] = run_files
         self._results["out_run_names"] = run_names
         self._results["out_sidecars"] = sidecars
+        self._results["out_run_figures"] = run_figures
+        self._results["out_figure_names"] = figure_names
         return runtime

@@ -49,6 +49,8 @@ ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", 
 _ENTITY_RE = re.compile(r"(?:^|_)([a-z]+)-([a-zA-Z0-9]+)")
 
 FIGURE_CAPTIONS = {
+    "alignment": "Reference run (top) and an aligned run in the reference's world (bottom), "
+    "at the same axial positions, with the reference's brain mask (red contour).",
     "mask": "Brain mask (red contour) and signed distance map of the mask (mm, negative "
     "inside) over the head-motion-correction reference.",
     "beforeafter": "Temporal mean of the series before (top) and after (bottom) motion "
@@ -332,6 +334,43 @@ def plot_before_after(mean_raw, mean_pre, mask_img, cut_z, out_file):
         display.add_contours(mask_img, levels=[0.5], colors="r", linewidths=0.7, rasterized=True)
         if row == 1:
             display.annotate(left_right=False, positions=True, size=8)
+    return _savefig(fig, out_file)
+
+
+def plot_aligned_run(reference_img, aligned_img, mask_img, out_file, n_cuts=6):
+    """The reference run (top) and an aligned run resampled onto its grid (bottom), on the
+    reference's own slices through its brain mask (red contour in both rows): the brain must
+    fill the same contour. Slices are the reference's voxel planes across its thickest axis,
+    so an oblique stack shows whole slices."""
+    plt = _pyplot()
+    from nilearn.image import resample_to_img
+
+    reference = np.asarray(reference_img.dataobj, dtype=np.float32)
+    mask = np.asarray(mask_img.dataobj) > 0
+    aligned = np.asarray(resample_to_img(aligned_img, reference_img, interpolation="linear",
+                                         force_resample=True, copy_header=True).dataobj,
+                         dtype=np.float32)
+    axis = int(np.argmax(reference_img.header.get_zooms()[:3]))
+    extent = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    cuts = np.unique(np.linspace(extent[0], extent[-1], n_cuts + 2)[1:-1].round().astype(int))
+    in_plane = [a for a in range(3) if a != axis]
+    zooms = reference_img.header.get_zooms()[:3]
+    fig, axes = plt.subplots(2, len(cuts), figsize=(1.6 * len(cuts), 3.6), facecolor="k",
+                             squeeze=False)
+    for row, (data, label) in enumerate(((reference, "reference run"),
+                                         (aligned, "aligned run"))):
+        vmin, vmax = np.percentile(data[mask], [1, 99.5]) if mask.any() else (0, 1)
+        for col, cut in enumerate(cuts):
+            plane = np.take(data, cut, axis=axis).T
+            ax = axes[row, col]
+            ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                      interpolation="nearest", aspect=zooms[in_plane[1]] / zooms[in_plane[0]])
+            ax.contour(np.take(mask, cut, axis=axis).T.astype(float), levels=[0.5],
+                       colors="r", linewidths=0.7)
+            ax.set_axis_off()
+            if col == 0:
+                ax.set_title(label, color="w", fontsize=9, loc="left")
+    fig.subplots_adjust(wspace=0.02, hspace=0.15)
     return _savefig(fig, out_file)
 
 
@@ -661,9 +700,17 @@ ALIGNMENT_COLUMNS = ("RotationDegrees", "TranslationMillimetres", "MeanDisplacem
 
 def aligned_runs_table(subj_dir: Path) -> str:
     """HTML table of the anatomical runs aligned to a reference run (their ``desc-aligned``
-    sidecars' RigidAlignment), or '' when there are none."""
-    rows = []
+    sidecars' RigidAlignment), then their ``desc-alignment`` figures; '' when there are none."""
+    rows, figures = [], []
     for sidecar in sorted(subj_dir.rglob("*_desc-aligned_*.json")) if subj_dir.is_dir() else []:
+        figure = subj_dir / "figures" / sidecar.name.replace("_desc-aligned_", "_desc-alignment_"
+                                                              ).replace(".json", ".svg")
+        if figure.is_file():
+            relative = quote(f"{subj_dir.name}/figures/{figure.name}")
+            figures.append(f"<figure><img src=\"{_esc(relative)}\" alt=\"{_esc(figure.name)}\" "
+                           f"loading=\"lazy\"><figcaption>{_esc(FIGURE_CAPTIONS['alignment'])} "
+                           f"<a href=\"{_esc(relative)}\">{_esc(figure.name)}</a></figcaption>"
+                           "</figure>")
         try:
             alignment = json.loads(sidecar.read_text()).get("RigidAlignment", {})
         except (OSError, ValueError, AttributeError):
@@ -676,7 +723,7 @@ def aligned_runs_table(subj_dir: Path) -> str:
         return ""
     header = "".join(f"<th>{_esc(name)}</th>" for name in ("Run", "Reference",
                                                             *ALIGNMENT_COLUMNS))
-    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>{''.join(figures)}"
 
 
 def build_subject_report(output_dir, subject: str, summary: dict, errors: list[str]) -> Path:

@@ -78,5 +78,7 @@ affine changed (no resampling).
             (("out_run_files", pick, index), "in_files"),
             (("out_run_names", pick, index), "names"),
             (("out_sidecars", pick, index), "sidecars"),
+            (("out_run_figures", pick, index), "in_figures"),
+            (("out_figure_names", pick, index), "figure_names"),
         ])])
     return workflow
