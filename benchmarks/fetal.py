@@ -121,11 +121,16 @@ def embedded_case(root, n_volumes, rng, voxel_mm=2.5, size=80, rim_mm=4.0, fluid
                             f"grid ({size}^3)")
 
 
-def stack_case(root, n_volumes, rng):
-    return fetal_case(root, n_volumes, rng, max_deg=MAX_DEG, max_mm=MAX_MM)
+def stack_case(root, n_volumes, rng, run=1):
+    return fetal_case(root, n_volumes, rng, max_deg=MAX_DEG, max_mm=MAX_MM, run=run)
 
 
-FORMS = {"embedded": embedded_case, "stack": stack_case}
+def stack2_case(root, n_volumes, rng):
+    """The same with the second stack, which the packaged segmenter's training held out."""
+    return stack_case(root, n_volumes, rng, run=2)
+
+
+FORMS = {"embedded": embedded_case, "stack": stack_case, "stack2": stack2_case}
 
 
 # --------------------------------------------------------------------------------------------

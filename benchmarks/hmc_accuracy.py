@@ -225,9 +225,10 @@ def random_axis_motions(n_volumes, max_deg, max_mm, center, rng):
     return motions
 
 
-def fetal_case(root, n_volumes, rng, voxel_mm=2.5, size=64, max_deg=45.0, max_mm=10.0):
-    data, img = load_scaled(root / "fetal/sub-01_run-1_T2w.nii.gz")
-    manual = np.asarray(nb.load(root / "fetal/sub-01_run-1_T2w_desc-brain_mask.nii.gz")
+def fetal_case(root, n_volumes, rng, voxel_mm=2.5, size=64, max_deg=45.0, max_mm=10.0,
+               run=1):
+    data, img = load_scaled(root / f"fetal/sub-01_run-{run}_T2w.nii.gz")
+    manual = np.asarray(nb.load(root / f"fetal/sub-01_run-{run}_T2w_desc-brain_mask.nii.gz")
                         .dataobj) > 0
     center = world_points(manual.shape, img.affine, manual).mean(0)
     shape, grid = cubic_grid(center, size, voxel_mm)
@@ -243,7 +244,7 @@ def fetal_case(root, n_volumes, rng, voxel_mm=2.5, size=64, max_deg=45.0, max_mm
     return Case(with_noise(series, rng), grid, truth_of(motions),
                 world_points(shape, grid, still_mask), manual_mask=still_mask,
                 manual_masks=weight > 0.5,
-                description=f"real fetal HASTE stack, {voxel_mm:g} mm grid ({size}^3), brain "
+                description=f"real fetal HASTE stack run-{run}, {voxel_mm:g} mm grid ({size}^3), brain "
                             f"moved inside still surroundings, 0-{max_deg:g} deg about random "
                             f"axes, +-{max_mm:g} mm per axis")
 
