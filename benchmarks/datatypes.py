@@ -52,7 +52,7 @@ from unimo_bids.unimo.geometry import centroids, grid_center, mean_displacement,
     world_points  # noqa: E402
 from unimo_bids.unimo.hmc import estimate_head_motion  # noqa: E402
 from unimo_bids.unimo.network import load_network  # noqa: E402
-from unimo_bids.unimo.resample import resample, sample_points, voxel_map  # noqa: E402
+from unimo_bids.unimo.resample import resample, voxel_map  # noqa: E402
 from unimo_bids.unimo.runs import align_run  # noqa: E402
 from unimo_bids.unimo.segment import brain_mask  # noqa: E402
 from unimo_bids.unimo.shape import dice, signed_distance  # noqa: E402
@@ -163,12 +163,16 @@ def coronal_stack(volume, affine, moved, center, shape=(200, 40, 200)):
     grid[:3, :3] = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) * [1.125, 1.125, 3.3]
     grid[:3, 3] = moved[:3, :3] @ center + moved[:3, 3] - grid[:3, :3] @ (
         (np.asarray(shape) - 1) / 2)
-    back = np.linalg.inv(moved)
-    points = world_points(shape, grid) @ back[:3, :3].T + back[:3, 3]
-    to_voxel = np.linalg.inv(affine)
-    values, _ = sample_points(torch.as_tensor(np.asarray(volume, np.float32))[None, None],
-                              torch.as_tensor(points @ to_voxel[:3, :3].T + to_voxel[:3, 3])[None])
-    return values.numpy().reshape(shape), grid
+    return resampled(volume, affine, np.linalg.inv(moved), shape, grid), grid
+
+
+def resampled(volume, affine, transform, shape, grid) -> np.ndarray:
+    """``volume`` (on ``affine``) read on ``grid`` of ``shape`` through ``transform`` (world
+    grid -> world volume), trilinear."""
+    maps = voxel_map(torch.as_tensor(transform)[None], torch.as_tensor(affine),
+                     torch.as_tensor(grid))
+    return resample(torch.as_tensor(np.asarray(volume, np.float32))[None, None], maps,
+                    shape)[0, 0].numpy()
 
 
 def anat_rows(data: Path, stacks: int):
@@ -205,12 +209,7 @@ def anat_rows(data: Path, stacks: int):
     elapsed = time.perf_counter() - start
 
     def carried(transform):
-        points = world_points(mask1.shape, affine1) @ transform[:3, :3].T + transform[:3, 3]
-        to_voxel = np.linalg.inv(affine2)
-        values, _ = sample_points(torch.as_tensor(mask2.astype(np.float32))[None, None],
-                                  torch.as_tensor(points @ to_voxel[:3, :3].T
-                                                  + to_voxel[:3, 3])[None])
-        return values.numpy().reshape(mask1.shape) > 0.5
+        return resampled(mask2, affine2, transform, mask1.shape, affine1) > 0.5
 
     return rows, (float(dice(mask1, carried(np.eye(4)))), float(dice(mask1, carried(
         found.transform))), elapsed)

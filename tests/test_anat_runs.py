@@ -15,7 +15,7 @@ from conftest import shared_data
 
 from unimo_bids.cli.run import main
 from unimo_bids.unimo.geometry import centroids, mean_displacement, rigid_matrix, world_points
-from unimo_bids.unimo.resample import sample_points
+from unimo_bids.unimo.resample import resample, voxel_map
 from unimo_bids.unimo.runs import align_run, cube_rotations
 from unimo_bids.unimo.segment import reference_mask
 from unimo_bids.unimo.shape import dice
@@ -32,13 +32,16 @@ def coronal_stack(volume, affine, moved, in_plane_mm, thick_mm, shape, center):
     grid[:3, :3] = CORONAL_AXES * np.array([in_plane_mm, in_plane_mm, thick_mm])
     target = moved[:3, :3] @ center + moved[:3, 3]
     grid[:3, 3] = target - grid[:3, :3] @ ((np.asarray(shape) - 1) / 2)
-    back = np.linalg.inv(moved)
-    points = world_points(shape, grid) @ back[:3, :3].T + back[:3, 3]
-    to_voxel = np.linalg.inv(affine)
-    voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
-    values, _ = sample_points(torch.as_tensor(np.asarray(volume, np.float32))[None, None],
-                              torch.as_tensor(voxels)[None])
-    return values.numpy().reshape(shape), grid
+    return _resampled(volume, affine, np.linalg.inv(moved), shape, grid), grid
+
+
+def _resampled(volume, affine, transform, shape, grid) -> np.ndarray:
+    """``volume`` (on ``affine``) read on ``grid`` of ``shape`` through ``transform`` (world
+    grid -> world volume), trilinear."""
+    maps = voxel_map(torch.as_tensor(transform)[None], torch.as_tensor(affine),
+                     torch.as_tensor(grid))
+    return resample(torch.as_tensor(np.asarray(volume, np.float32))[None, None], maps,
+                    shape)[0, 0].numpy()
 
 
 def test_cube_rotations_are_the_24_proper_rotations():
@@ -102,6 +105,19 @@ def _t1w_dataset(root: Path, volume, affine, runs) -> Path:
     return root
 
 
+def _run_anat(bids: Path, tmp_path: Path, *options: str) -> tuple[int, Path]:
+    """``unimo-bids <bids> <tmp>/out participant --datatypes anat``: (exit code, output)."""
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--datatypes", "anat", "--skip-bids-validation", *options])
+    return code, out
+
+
+def _estimate(raw_file: Path, aligned_file: Path) -> np.ndarray:
+    """The transform reference -> run that an aligned run's affine holds: A' = T^-1 A."""
+    return nb.load(raw_file).affine @ np.linalg.inv(nb.load(aligned_file).affine)
+
+
 def test_anat_runs_are_aligned_through_the_cli(mni_template, tmp_path):
     """Two T1w runs of different slice orientation, the second moved by 60 degrees: aligned
     to the first, voxels unchanged, and the outputs load as a pybids derivatives dataset."""
@@ -113,9 +129,7 @@ def test_anat_runs_are_aligned_through_the_cli(mni_template, tmp_path):
     run, run_affine = coronal_stack(volume, affine, moved, 2.0, 4.0, (100, 30, 100), center)
     bids = _t1w_dataset(tmp_path / "bids", volume, affine,
                         [(reference, axial), (run, run_affine)])
-    out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--datatypes", "anat", "--skip-bids-validation"])
+    code, out = _run_anat(bids, tmp_path)
     assert code == 0
     folder = out / "sub-01" / "anat"
     aligned = nb.load(folder / "sub-01_run-2_desc-aligned_T1w.nii.gz")
@@ -143,15 +157,14 @@ def test_anat_runs_are_aligned_through_the_cli(mni_template, tmp_path):
 def test_a_single_anat_run_has_nothing_to_align(mni_template, tmp_path, capsys):
     volume, affine = mni_template
     bids = _t1w_dataset(tmp_path / "bids", volume, affine, [(volume, affine)])
-    code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
-                 "--datatypes", "anat", "--skip-bids-validation"])
+    code, _ = _run_anat(bids, tmp_path)
     assert code == 2
     assert "no anatomical contrast has two or more runs" in capsys.readouterr().err
 
 
-def _fetal_dataset(root: Path, extra_run) -> tuple[Path, Path]:
-    """The two real fetal stacks, plus ``extra_run`` (data, mask, affine) as run 3; their
-    manual masks in a derivatives folder, named as the fetal toolkits name them."""
+def _fetal_dataset(root: Path, extra_run=None) -> tuple[Path, Path]:
+    """The two real fetal stacks, plus ``extra_run`` (data, mask, affine) as run 3 if given;
+    their manual masks in a derivatives folder, named as the fetal toolkits name them."""
     data = shared_data() / "fetal"
     bids, masks = root / "bids", root / "masks"
     for folder in (bids / "sub-01" / "anat", masks / "sub-01" / "anat"):
@@ -163,11 +176,12 @@ def _fetal_dataset(root: Path, extra_run) -> tuple[Path, Path]:
                         bids / "sub-01" / "anat" / f"sub-01_run-{run}_T2w.nii.gz")
         shutil.copyfile(data / f"sub-01_run-{run}_T2w_desc-brain_mask.nii.gz",
                         masks / "sub-01" / "anat" / f"sub-01_run-{run}_T2w_desc-brain_mask.nii.gz")
-    image, mask, grid = extra_run
-    nb.Nifti1Image(image.astype(np.float32), grid).to_filename(
-        bids / "sub-01" / "anat" / "sub-01_run-3_T2w.nii.gz")
-    nb.Nifti1Image(mask.astype(np.uint8), grid).to_filename(
-        masks / "sub-01" / "anat" / "sub-01_run-3_T2w_desc-brain_mask.nii.gz")
+    if extra_run is not None:
+        image, mask, grid = extra_run
+        nb.Nifti1Image(image.astype(np.float32), grid).to_filename(
+            bids / "sub-01" / "anat" / "sub-01_run-3_T2w.nii.gz")
+        nb.Nifti1Image(mask.astype(np.uint8), grid).to_filename(
+            masks / "sub-01" / "anat" / "sub-01_run-3_T2w_desc-brain_mask.nii.gz")
     return bids, masks
 
 
@@ -178,12 +192,7 @@ def _load(path):
 
 def _carried_mask(mask, mask_affine, transform, shape, affine) -> np.ndarray:
     """A run's mask seen from the reference grid through transform (reference -> run)."""
-    points = world_points(shape, affine) @ transform[:3, :3].T + transform[:3, 3]
-    to_voxel = np.linalg.inv(mask_affine)
-    voxels = points @ to_voxel[:3, :3].T + to_voxel[:3, 3]
-    values, _ = sample_points(torch.as_tensor(mask.astype(np.float32))[None, None],
-                              torch.as_tensor(voxels)[None])
-    return values.numpy().reshape(shape) > 0.5
+    return _resampled(mask, mask_affine, transform, shape, affine) > 0.5
 
 
 def test_real_fetal_stacks_of_different_orientation_are_aligned(tmp_path):
@@ -199,17 +208,12 @@ def test_real_fetal_stacks_of_different_orientation_are_aligned(tmp_path):
     stack3, affine3 = coronal_stack(run2, affine2, moved, 1.125, 3.3, (200, 40, 200), center)
     mask3, _ = coronal_stack(mask2, affine2, moved, 1.125, 3.3, (200, 40, 200), center)
     bids, masks = _fetal_dataset(tmp_path, (stack3, mask3 > 0.5, affine3))
-    out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--datatypes", "anat", "--derivatives", str(masks),
-                 "--skip-bids-validation"])
+    code, out = _run_anat(bids, tmp_path, "--derivatives", str(masks))
     assert code == 0
     folder = out / "sub-01" / "anat"
-    raw = {run: nb.load(bids / "sub-01" / "anat" / f"sub-01_run-{run}_T2w.nii.gz")
-           for run in (1, 2, 3)}
-    # transform reference -> run, from the aligned affine: A' = T^-1 A
-    estimates = {run: raw[run].affine @ np.linalg.inv(nb.load(
-        folder / f"sub-01_run-{run}_desc-aligned_T2w.nii.gz").affine) for run in (2, 3)}
+    estimates = {run: _estimate(bids / "sub-01" / "anat" / f"sub-01_run-{run}_T2w.nii.gz",
+                                folder / f"sub-01_run-{run}_desc-aligned_T2w.nii.gz")
+                 for run in (2, 3)}
     mask1, affine1 = _load(data / "sub-01_run-1_T2w_desc-brain_mask.nii.gz")
     points = world_points(mask1.shape, affine1, mask1 > 0)
     consistency = mean_displacement(estimates[3][None], (moved @ estimates[2])[None], points)[0]
@@ -236,9 +240,7 @@ def test_an_anat_run_that_is_not_3d_fails_its_group_alone(mni_template, tmp_path
     volume, affine = mni_template
     bids = _t1w_dataset(tmp_path / "bids", volume, affine,
                         [(volume, affine), (np.stack([volume] * 2, -1), affine)])
-    out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--datatypes", "anat", "--skip-bids-validation"])
+    code, out = _run_anat(bids, tmp_path)
     assert code == 1
     errors = [line for line in capsys.readouterr().err.splitlines()
               if line.startswith("ERROR:")]
@@ -252,26 +254,16 @@ def test_real_fetal_stacks_with_the_packaged_segmenter(tmp_path):
     """No user masks: --seg-model segments each stack (Dice 0.90 against the manual masks),
     and the alignment stays close to the one the manual masks give."""
     data = shared_data() / "fetal"
-    bids = tmp_path / "bids"
-    (bids / "sub-01" / "anat").mkdir(parents=True)
-    (bids / "dataset_description.json").write_text(json.dumps(
-        {"Name": "fetal", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
-    for run in (1, 2):
-        shutil.copyfile(data / f"sub-01_run-{run}_T2w.nii.gz",
-                        bids / "sub-01" / "anat" / f"sub-01_run-{run}_T2w.nii.gz")
+    bids, _ = _fetal_dataset(tmp_path)  # its masks folder is not given: no user masks
     segmenter = Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "weights" / \
         "unimo_segmenter_cpu.pt"
-    out = tmp_path / "out"
-    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
-                 "--datatypes", "anat", "--seg-model", str(segmenter),
-                 "--skip-bids-validation"])
+    code, out = _run_anat(bids, tmp_path, "--seg-model", str(segmenter))
     assert code == 0
     folder = out / "sub-01" / "anat"
     sidecar = json.loads((folder / "sub-01_run-2_desc-aligned_T2w.json").read_text())
     assert sidecar["RigidAlignment"]["Masks"] == "segmenter"
-    raw = nb.load(bids / "sub-01" / "anat" / "sub-01_run-2_T2w.nii.gz")
-    estimate = raw.affine @ np.linalg.inv(nb.load(
-        folder / "sub-01_run-2_desc-aligned_T2w.nii.gz").affine)
+    estimate = _estimate(bids / "sub-01" / "anat" / "sub-01_run-2_T2w.nii.gz",
+                         folder / "sub-01_run-2_desc-aligned_T2w.nii.gz")
     run1, affine1 = _load(data / "sub-01_run-1_T2w.nii.gz")
     mask1 = _load(data / "sub-01_run-1_T2w_desc-brain_mask.nii.gz")[0] > 0
     run2, affine2 = _load(data / "sub-01_run-2_T2w.nii.gz")

@@ -20,7 +20,7 @@ from nipype.interfaces.base import (
 )
 
 from ..unimo.devices import run_with_memory_fallback
-from ..unimo.geometry import mean_displacement, world_points
+from ..unimo.geometry import mean_displacement, rotation_angle, world_points
 from ..unimo.runs import align_run
 from ..unimo.segment import reference_mask
 from ..unimo.segnet import load_segmenter, segment_with_model
@@ -36,10 +36,12 @@ AUTOMATIC_MASK_MARGIN_MM = 8.0
 
 
 def load_run(path: str):
-    """(image, (X, Y, Z) float32 data) of a 3D run, checked; SeriesError names the file."""
+    """(image, its voxels as stored (scaled), (X, Y, Z) float32 copy) of a 3D run, read once
+    and checked; SeriesError names the file."""
     try:
         img = nb.load(path)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        voxels = np.asanyarray(img.dataobj)
+        data = np.asarray(voxels, dtype=np.float32)
     except Exception as err:
         raise SeriesError(f"{path}: cannot read the image ({' '.join(str(err).split())})") \
             from None
@@ -52,7 +54,7 @@ def load_run(path: str):
         raise SeriesError(f"{path}: the image holds NaN or infinite values")
     if not np.ptp(data) > 0:
         raise SeriesError(f"{path}: the image is constant (no anatomy to align)")
-    return img, data
+    return img, voxels, data
 
 
 def aligned_image(img, data: np.ndarray, transform: np.ndarray, dtype=None):
@@ -66,12 +68,6 @@ def aligned_image(img, data: np.ndarray, transform: np.ndarray, dtype=None):
     out.set_sform(affine, int(img.header["sform_code"]) or 1)
     out.set_qform(affine, int(img.header["qform_code"]) or 1)
     return out
-
-
-def rotation_degrees(transform: np.ndarray) -> float:
-    """Angle (degrees) of the rotation part of a rigid (4, 4) transform."""
-    cosine = (np.trace(transform[:3, :3]) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 class _AlignRunsInputSpec(BaseInterfaceInputSpec):
@@ -122,7 +118,7 @@ class AlignRuns(SimpleInterface):
         suffix = os.path.basename(files[0]).split(".")[0].rsplit("_", 1)[-1]
         runs = [load_run(path) for path in files]
         user_masks, source = [], "user"
-        for (img, _), mask in zip(runs, masks):
+        for (img, _, _), mask in zip(runs, masks):
             try:
                 user_masks.append(load_user_mask(mask, img) if mask else None)
             except ValueError as err:
@@ -131,9 +127,9 @@ class AlignRuns(SimpleInterface):
             model, _ = load_segmenter(self.inputs.seg_model, self.inputs.device)
             user_masks = [segment_with_model(model, data, img.affine, self.inputs.device)
                           if mask is None else mask
-                          for (img, data), mask in zip(runs, user_masks)]
+                          for (img, _, data), mask in zip(runs, user_masks)]
             source = "segmenter" if not any(masks) else "user and segmenter"
-        ref_img, ref_data = runs[0]
+        ref_img, _, ref_data = runs[0]
         ref_mask = user_masks[0]
         if ref_mask is None or not ref_mask.any():
             ref_mask = reference_mask(ref_data, _voxel_size(ref_img))
@@ -147,7 +143,7 @@ class AlignRuns(SimpleInterface):
 
         run_files, run_names, sidecars, run_figures, figure_names = [], [], [], [], []
         mask_img = nb.Nifti1Image(ref_mask.astype(np.uint8), ref_img.affine)
-        for index, ((img, data), mask) in enumerate(zip(runs, user_masks)):
+        for index, ((img, voxels, data), mask) in enumerate(zip(runs, user_masks)):
             if index == 0:
                 transform, residual, overlap = np.eye(4), 0.0, 1.0
             else:
@@ -158,7 +154,7 @@ class AlignRuns(SimpleInterface):
                     self.inputs.device, 1)
                 transform, residual, overlap = found.transform, found.residual, found.overlap
             stem = os.path.join(runtime.cwd, f"run{index:03d}")
-            aligned = aligned_image(img, np.asanyarray(img.dataobj), transform)
+            aligned = aligned_image(img, voxels, transform)
             aligned.to_filename(stem + "_aligned.nii")
             write_itk_transforms(transform[None], stem + "_xfm.txt")
             files_out = [stem + "_aligned.nii", stem + "_xfm.txt"]
@@ -174,8 +170,8 @@ class AlignRuns(SimpleInterface):
                 run_figures.append([])
                 figure_names.append([])
             else:
-                run_figures.append([plot_aligned_run(ref_img, nb.load(stem + "_aligned.nii"),
-                                                     mask_img, stem + "_alignment.svg")])
+                run_figures.append([plot_aligned_run(ref_img, aligned, mask_img,
+                                                     stem + "_alignment.svg")])
                 figure_names.append([f"desc-alignment_{suffix}"])
             sidecars.append({f"desc-aligned_{suffix}.json": {
                 "Sources": [uris[index]],
@@ -184,7 +180,7 @@ class AlignRuns(SimpleInterface):
                                "reference run's world (no resampling).",
                 "RigidAlignment": {
                     "ReferenceRun": uris[0],
-                    "RotationDegrees": round(rotation_degrees(transform), 4),
+                    "RotationDegrees": round(float(np.degrees(rotation_angle(transform))), 4),
                     "TranslationMillimetres": round(float(np.linalg.norm(transform[:3, 3])), 4),
                     "MeanDisplacementMillimetres": round(float(mean_displacement(
                         transform[None], np.eye(4)[None], points)[0]), 4),

@@ -31,13 +31,18 @@ SHELL_META = {
 }
 
 
+def read_bvals(bval_file: str) -> np.ndarray:
+    """(T,) b-values from an FSL-style text file; SeriesError (one line, naming the file)."""
+    try:
+        return np.atleast_1d(np.loadtxt(bval_file, dtype=float)).ravel()
+    except (OSError, ValueError) as err:
+        raise SeriesError(f"{bval_file}: cannot read the b-values ({err})") from None
+
+
 def read_gradients(bval_file: str, bvec_file: str, n_volumes: int | None = None):
     """(bvals (T,), bvecs (3, T)) from FSL-style text files, checked against each other and
     against the number of volumes; SeriesError (one line, naming the file) otherwise."""
-    try:
-        bvals = np.atleast_1d(np.loadtxt(bval_file, dtype=float)).ravel()
-    except (OSError, ValueError) as err:
-        raise SeriesError(f"{bval_file}: cannot read the b-values ({err})") from None
+    bvals = read_bvals(bval_file)
     try:
         bvecs = np.atleast_2d(np.loadtxt(bvec_file, dtype=float))
     except (OSError, ValueError) as err:
@@ -109,7 +114,7 @@ class ShellOutliers(SimpleInterface):
         mask = np.asarray(nb.load(self.inputs.in_mask).dataobj) > 0
         signal = np.array([float(np.asarray(img.dataobj[..., t])[mask].mean())
                            for t in range(img.shape[3])])
-        bvals = np.atleast_1d(np.loadtxt(self.inputs.in_bval, dtype=float)).ravel()
+        bvals = read_bvals(self.inputs.in_bval)
         z = shell_signal_z(signal, bvals)
         table = pd.read_csv(self.inputs.in_diagnostics, sep="\t", na_values=["n/a"])
         table = table.assign(bval=bvals, dwi_signal_z=z,

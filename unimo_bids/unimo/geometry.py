@@ -91,6 +91,13 @@ def mean_displacement(first: np.ndarray, second: np.ndarray, points: np.ndarray)
     return np.linalg.norm(diff, axis=-1).mean(axis=1)
 
 
+def rotation_angle(transforms) -> np.ndarray:
+    """Angle (rad) of the rotation part of (..., 4, 4) rigid transforms (or (..., 3, 3))."""
+    rotations = np.asarray(transforms, dtype=float)[..., :3, :3]
+    cosine = (np.trace(rotations, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.arccos(np.clip(cosine, -1.0, 1.0))
+
+
 def euler_to_matrix(angles_rad) -> np.ndarray:
     """Rotation matrices R = Rz @ Ry @ Rx (extrinsic x, then y, then z) from (..., 3) angles."""
     angles = np.asarray(angles_rad, dtype=float)

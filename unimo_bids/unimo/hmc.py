@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .deform import deformable_voxel_points, field_on_grid
-from .geometry import centroids, voxel_sizes, world_points
+from .geometry import centroids, rotation_angle, voxel_sizes, world_points
 from .heap import retained_heap
 from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
@@ -127,13 +127,18 @@ def network_head_motion(
     return NetworkMotion(**{k: np.concatenate(v) for k, v in out.items()}, lam=lam)
 
 
-def _pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
-    """(b,) index of the best start per volume: the lowest coarse residual among the starts
-    that keep at least 80 % of the best overlap with the field of view."""
-    residual = coarse.residual.reshape(n_starts, -1)
+def _usable_starts(coarse: RigidResult, n_starts: int) -> np.ndarray:
+    """(n_starts, b) whether each start kept at least 80 % of the volume's best overlap with
+    the field of view (a residual over few points is not comparable)."""
     overlap = coarse.overlap.reshape(n_starts, -1)
-    score = np.where(overlap >= 0.8 * overlap.max(0), residual, np.inf)
-    return np.argmin(score, axis=0)
+    return overlap >= 0.8 * overlap.max(0)
+
+
+def pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
+    """(b,) index of the best start per volume: the lowest coarse residual among the usable
+    starts. ``coarse`` holds n_starts blocks of b volumes, start-major."""
+    residual = coarse.residual.reshape(n_starts, -1)
+    return np.argmin(np.where(_usable_starts(coarse, n_starts), residual, np.inf), axis=0)
 
 
 def _rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
@@ -145,13 +150,11 @@ def _rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
     ends = coarse.transforms.reshape(n_starts, count, 4, 4)
     chosen = ends[pick, np.arange(count)]
     relative = np.linalg.inv(chosen)[None] @ ends  # (n_starts, b, 4, 4)
-    angle = np.arccos(np.clip((np.trace(relative[..., :3, :3], axis1=-2, axis2=-1) - 1) / 2,
-                              -1.0, 1.0))
-    apart = np.linalg.norm(relative[..., :3, 3], axis=-1) + 50.0 * angle > agree_mm
+    apart = (np.linalg.norm(relative[..., :3, 3], axis=-1) + 50.0 * rotation_angle(relative)
+             > agree_mm)
     residual = coarse.residual.reshape(n_starts, count)
-    overlap = coarse.overlap.reshape(n_starts, count)
     near = residual <= close * residual[pick, np.arange(count)]
-    score = np.where(apart & near & (overlap >= 0.8 * overlap.max(0)), residual, np.inf)
+    score = np.where(apart & near & _usable_starts(coarse, n_starts), residual, np.inf)
     best = np.argmin(score, axis=0)
     return np.where(np.isfinite(score[best, np.arange(count)]), best, -1)
 
@@ -250,7 +253,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             coarse = register_rigid(fixed_t, moving.repeat(n_starts, 1, 1, 1, 1), affine,
                                     affine, weight, init=np.concatenate(candidates),
                                     levels=levels[:1], intensity_bins=intensity_bins)
-            pick = _pick_start(coarse, n_starts)
+            pick = pick_start(coarse, n_starts)
             ends = coarse.transforms.reshape(n_starts, count, 4, 4)
             result = register_rigid(fixed_t, moving, affine, affine, weight,
                                     init=ends[pick, np.arange(count)], levels=levels[1:],

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .geometry import centroids, voxel_sizes
-from .hmc import IMAGE_LEVELS, IMAGE_SHAPE_LEVELS, SHAPE_CLIP_MM, registration_weight
+from .hmc import IMAGE_LEVELS, IMAGE_SHAPE_LEVELS, SHAPE_CLIP_MM, pick_start, \
+    registration_weight
 from .register import register_rigid
 from .shape import signed_distance
 
@@ -117,8 +118,7 @@ def align_run(
     starts = start_transforms(centroids(reference_mask, reference_affine), run_center)
     coarse = register_rigid(fixed, moving, reference_affine, run_affine, weight, init=starts,
                             levels=levels[:1])
-    usable = coarse.overlap >= 0.8 * coarse.overlap.max()
-    best = int(np.argmin(np.where(usable, coarse.residual, np.inf)))
+    best = int(pick_start(coarse, len(starts))[0])
     fine = register_rigid(fixed, moving, reference_affine, run_affine, weight,
                           init=coarse.transforms[best:best + 1], levels=levels[1:])
     return RunAlignment(fine.transforms[0], float(fine.residual[0]), float(fine.overlap[0]),

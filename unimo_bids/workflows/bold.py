@@ -68,16 +68,23 @@ def series_workflow_name(bold_file: str) -> str:
     return "series_" + re.sub(r"[^0-9a-zA-Z]+", "_", stem) + "_wf"
 
 
-def estimate_mem_gb(bold_file: str) -> float:
-    """Memory (GB) of one float32 copy of the series, from the header alone."""
+def float32_gb(path: str) -> float | None:
+    """GB of one float32 copy of an image, from its header alone; None when unreadable (the
+    workflow's first step reports that)."""
     try:
-        shape = nb.load(bold_file).shape
-    except Exception:  # the validation node reports unreadable files
-        return 0.5
+        shape = nb.load(path).shape
+    except Exception:
+        return None
     voxels = 1
     for n in shape:
         voxels *= int(n)
-    return max(voxels * 4 / 1024**3, 0.05)
+    return voxels * 4 / 1024**3
+
+
+def estimate_mem_gb(bold_file: str) -> float:
+    """Memory (GB) of one float32 copy of the series, at least 0.05 (0.5 when unreadable)."""
+    size = float32_gb(bold_file)
+    return 0.5 if size is None else max(size, 0.05)
 
 
 def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None, suffix="bold"):
