@@ -62,6 +62,9 @@ Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
 
     {summary["command"]}
 {history}
+A `--minutes` budget stops at a step count that depends on the machine; to run the same \
+training elsewhere, give each command `--steps` with its step count here.
+
 - **Architecture:** two E(3)-equivariant keypoint encoders (e3nn steerable voxel convolutions, \
 preset `{summary["preset"]}`: {summary["parameters"]:,} parameters, \
 {summary["keypoints"]} keypoints per branch), one on intensities and one on the signed distance \
@@ -156,7 +159,7 @@ def train_deformable(args, command: str) -> int:
                   f"{elapsed / 60:.1f} min", flush=True)
 
     record = deform_net.train_velocity_predictor(
-        net, volume, mask, spacing, minutes=args.minutes, batch=args.batch,
+        net, volume, mask, spacing, steps=args.steps, minutes=args.minutes, batch=args.batch,
         learning_rate=args.learning_rate, warmup=args.warmup,
         max_displacement_mm=tuple(args.max_displacement), validation_size=VALIDATION_PAIRS,
         validate_every=args.validate_every, seed=args.seed, log=log)
@@ -184,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="working grid and network size (default: cpu)")
     parser.add_argument("--device", default="cpu", help="torch device to train on")
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-time budget")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="stop after N steps if the time budget lasts that long (the same "
+                             "seed and step count repeat a run on another machine)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--keypoints", type=int, default=16, help="keypoints per branch")
@@ -273,7 +279,10 @@ def main(argv=None) -> int:
     from ..unimo.network import UniMoRigidNet, load_network, save_network
     from ..unimo.training import train
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.nthreads > 0:
         torch.set_num_threads(args.nthreads)
     torch.manual_seed(args.seed)
@@ -330,7 +339,8 @@ def main(argv=None) -> int:
                     learning_rate=args.learning_rate, seed=args.seed,
                     max_translation_mm=args.max_translation,
                     classical_masks=args.classical_masks, optimizer_state=optimizer_state,
-                    checkpoint=checkpoint, checkpoint_minutes=args.checkpoint_minutes)
+                    checkpoint=checkpoint, checkpoint_minutes=args.checkpoint_minutes,
+                    max_steps=args.steps)
     summary = finish(summary)
     card = Path(args.output).with_suffix(".md")
     card.write_text(model_card(summary, args.output))

@@ -249,8 +249,11 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
           learning_rate: float = 3e-3, seed: int = 0, validation_pairs: int = 32,
           max_translation_mm: float = 30.0, classical_masks: float = 0.5,
           optimizer_state: dict | None = None,
-          checkpoint=None, checkpoint_minutes: float = 0.0, log=print) -> dict:
-    """Train ``net`` in place for ``minutes`` of wall time (CPU or the net's device).
+          checkpoint=None, checkpoint_minutes: float = 0.0, log=print,
+          max_steps: int | None = None) -> dict:
+    """Train ``net`` in place for ``minutes`` of wall time (CPU or the net's device), or
+    ``max_steps`` steps if that comes first (a fixed step count gives the same weights on any
+    machine, with the same seed).
 
     anatomies: one :class:`Anatomy` or a list; each step draws its batch from one of them at
     random, and validation pairs (rotations uniform on SO(3)) come from each in turn.
@@ -295,7 +298,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
                 "lambda": float(net.lam.detach()), "optimizer_state": optimizer.state_dict()}
 
     net.train()
-    while time.monotonic() - start < minutes * 60.0:
+    while (time.monotonic() - start < minutes * 60.0
+           and (max_steps is None or steps < max_steps)):
         pick = int(torch.randint(len(anatomies), (1,), generator=g))
         anatomy, (grid_affine, grid_shape) = anatomies[pick], grids[pick]
         pairs = sample_pairs(anatomy, grid_affine, grid_shape, batch, g,
