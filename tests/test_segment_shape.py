@@ -5,7 +5,6 @@ nibabel's example4d EPI). Optional checks on the shared real data (UNIMO_TEST_DA
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import nibabel as nb
@@ -183,8 +182,9 @@ def test_cropping_chunking_and_edt_paths_are_exact(moved_mni, monkeypatch):
     assert np.array_equal(brain_mask(vols, voxel), ref)
 
 
-def test_brain_mask_speed_on_a_long_bold_series():
-    """64x64x33x200 at 3.4 mm (real EPI content): measured ~1.7 s on 2 cores."""
+def test_brain_mask_of_a_long_bold_series_matches_volume_by_volume():
+    """64x64x33x200 at 3.4 mm (real EPI content) in one batched call: every volume's mask is the
+    one it gets alone (its speed is benchmarks/hmc_speed.py's "masks" row, not a timed test)."""
     img = nb.load(EXAMPLE4D)
     vol = np.asarray(img.dataobj, dtype=np.float32)[..., 0]
     shape = (64, 64, 33)
@@ -193,11 +193,10 @@ def test_brain_mask_speed_on_a_long_bold_series():
     rng = np.random.default_rng(0)
     vols = series[None] * rng.uniform(0.98, 1.02, (200, 1, 1, 1)).astype(np.float32)
     vols += rng.normal(0, 5, vols.shape).astype(np.float32)
-    start = time.perf_counter()
     masks = brain_mask(vols, (3.4, 3.4, 3.4))
-    elapsed = time.perf_counter() - start
     assert masks[:, 32, 32, 16].all()
-    assert elapsed < 10.0, elapsed  # generous bound for loaded CI machines
+    for index in (0, 77, 199):
+        assert np.array_equal(masks[index], brain_mask(vols[index:index + 1], (3.4, 3.4, 3.4))[0])
 
 
 # ---------------------------------------------------------------------------------------------
