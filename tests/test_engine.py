@@ -18,7 +18,7 @@ from unimo_bids.unimo.geometry import (
 from unimo_bids.unimo.hmc import apply_head_motion, estimate_head_motion
 from unimo_bids.unimo.reference import detect_non_steady_state, select_reference
 from unimo_bids.unimo.register import register_rigid
-from unimo_bids.unimo.resample import resample, voxel_map
+from unimo_bids.unimo.resample import resample, sample_mapped_points, voxel_map
 from unimo_bids.unimo.synthetic import random_rigid_motions, rigid_matrix, simulate_series
 
 
@@ -73,6 +73,34 @@ def test_resample_integer_shift_is_exact(mni_template):
     maps = voxel_map(torch.as_tensor(shift[None]), torch.as_tensor(grid), torch.as_tensor(grid))
     out = resample(torch.as_tensor(volume)[None, None], maps, volume.shape)[0, 0].numpy()
     np.testing.assert_allclose(out[:-2, :, :-1], volume[2:, :, 1:], atol=1e-4 * volume.max())
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+def test_sample_mapped_points_matches_scipy_linear_and_flags_outside_points(mni_template, batch):
+    """Centred world points through per-volume maps, on a non-cubic grid; batch 1 is one volume
+    read through three maps at once (the registration's several starts)."""
+    data, affine = mni_template
+    volumes = np.stack([data[::2, ::3, ::2] * (1.0 + 0.1 * b) for b in range(batch)])
+    grid = affine @ np.diag([2, 3, 2, 1.0])
+    rng = np.random.default_rng(0)
+    centre = grid_center(volumes.shape[1:], grid)
+    points = centre + rng.uniform(-90, 90, (500, 3))  # some beyond the field of view
+    motions = np.stack([rigid_matrix(rng.uniform(-20, 20, 3), rng.uniform(-9, 9, 3), centre)
+                        for _ in range(3)])
+    to_centre = np.eye(4)
+    to_centre[:3, 3] = centre
+    maps = np.linalg.inv(grid) @ motions @ to_centre
+    values, inside = sample_mapped_points(torch.as_tensor(volumes, dtype=torch.float32)[:, None],
+                                          torch.as_tensor(points - centre), torch.as_tensor(maps))
+    assert values.shape == (3, 1, 500) and inside.shape == (3, 500)
+    for s in range(3):
+        vox = (maps[s] @ np.c_[points - centre, np.ones(500)].T)[:3]
+        expected = ndimage.map_coordinates(volumes[s % batch], vox, order=1, cval=0.0)
+        upper = np.array(volumes.shape[1:])[:, None] - 1
+        within = ((vox >= 0) & (vox <= upper)).all(0)
+        assert 50 < within.sum() < 500
+        np.testing.assert_array_equal(inside[s].numpy(), within)
+        np.testing.assert_allclose(values[s, 0].numpy(), expected, atol=1e-4 * data.max())
 
 
 @pytest.mark.parametrize("anisotropy", [(1, 1, 1), (1, 1, 2.5)])

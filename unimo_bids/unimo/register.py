@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .geometry import grid_center, rigid_from_params, rigid_inverse, voxel_sizes
-from .resample import band_limit_sigma, gaussian_blur, sample_points
+from .resample import band_limit_sigma, gaussian_blur, sample_mapped_points, sample_points
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,19 @@ class Level:
     spacing_factor: working spacing as a multiple of the finest voxel size (isotropic when coarse).
     iterations: maximum Gauss-Newton iterations.
     channel_weights: weight of each image channel at this level (e.g. intensity, shape map).
+    smoothing: both images are band-limited as for a grid this many times coarser than the
+        level's own (1: for the level's grid).
     """
 
     spacing_factor: float
     iterations: int
     channel_weights: tuple = (1.0,)
+    smoothing: float = 1.0
 
 
 DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
 POINTS_PER_BIN = 256  # fewest fixed points per intensity bin (``intensity_bins``)
+MEDIAN_POINTS = 8192  # points (at least) behind each robust residual scale
 
 
 @dataclass
@@ -71,7 +75,8 @@ def _fixed_level(fixed, fixed_affine, fixed_weight, level: Level):
     """
     shape, affine, spacing = level_grid(fixed.shape[1:], fixed_affine, level.spacing_factor)
     device, dtype = fixed.device, fixed.dtype
-    blurred = gaussian_blur(fixed[None], band_limit_sigma(fixed_affine, spacing))
+    blurred = gaussian_blur(fixed[None], band_limit_sigma(fixed_affine,
+                                                          level.smoothing * spacing))
     index = torch.stack(
         torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=device) for n in shape],
                        indexing="ij"), dim=-1).reshape(-1, 3)
@@ -170,17 +175,6 @@ def _fill_gaps(values: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(out, device=values.device).reshape(values.shape)
 
 
-def _sample_moving(moving: torch.Tensor, idx: torch.Tensor, vox: torch.Tensor):
-    """Samples (b, C, N) and inside (b, N) of the volumes ``idx`` at voxel points (b, N, 3); one
-    moving volume (B = 1) is sampled once at all the points (no copy per start)."""
-    if moving.shape[0] > 1:
-        return sample_points(moving[idx], vox)
-    values, inside = sample_points(moving, vox.reshape(1, -1, 3))
-    count = vox.shape[0]
-    return (values.view(moving.shape[1], count, -1).transpose(0, 1),
-            inside.view(count, -1))
-
-
 def register_rigid(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -220,29 +214,44 @@ def register_rigid(
     used = torch.zeros(batch, dtype=torch.long, device=device)
     overlap = torch.ones(batch, dtype=torch.float64, device=device)
 
+    to_center = torch.eye(4, dtype=torch.float64, device=device)
+    to_center[:3, 3] = center  # sampling points are kept relative to the centre (float32)
+    channels_in = fixed.shape[0]
     for level in levels:
         weights_c = torch.as_tensor(level.channel_weights, dtype=fixed.dtype, device=device)
-        channels = int((weights_c > 0).sum())
-        if channels == 0:
+        weights_c = weights_c.expand(channels_in) if weights_c.numel() == 1 else weights_c
+        # Channels weighted 0 at this level are neither sampled nor scored.
+        kept = (weights_c > 0).nonzero().squeeze(1)
+        if kept.numel() == 0:
             continue
+        weights_c = weights_c[kept]
         points, fixed_values, jacobian, base_weight, spacing = _fixed_level(
-            fixed, fixed_affine, fixed_weight, level)
-        moving_level = gaussian_blur(moving, band_limit_sigma(moving_affine, spacing))
+            fixed[kept], fixed_affine, fixed_weight, level)
+        centred = (points - center).to(fixed.dtype)
+        moving_level = gaussian_blur(moving[:, kept],
+                                     band_limit_sigma(moving_affine, level.smoothing * spacing))
         scale = _robust_scale(fixed_values, base_weight)  # (C,)
         # Enough points per bin that a wrong alignment cannot be fitted away (coarse levels
         # have few points).
         bins = _quantile_bins(fixed_values, base_weight, int(np.clip(
             fixed_values.shape[1] // POINTS_PER_BIN, 4, intensity_bins))) if intensity_bins \
             else None
+        # The robust scale of the residual is a median: a subsample of points estimates it.
+        median_stride = max(1, fixed_values.shape[1] // MEDIAN_POINTS)
+        channel_weight = (weights_c / scale ** 2)[None, :, None]
+        jac = jacobian.to(fixed.dtype)  # (C, N, 6)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used.zero_()
+        gathered, gathered_idx = moving_level, None  # the active volumes, re-gathered on change
         for _ in range(level.iterations):
             if not active.any():
                 break
             idx = active.nonzero().squeeze(1)
-            world = points @ transforms[idx, :3, :3].transpose(1, 2) + transforms[idx, None, :3, 3]
-            vox = world @ moving_vox_from_world[:3, :3].T + moving_vox_from_world[:3, 3]
-            sampled, inside = _sample_moving(moving_level, idx, vox)  # (b, C, N), (b, N)
+            if moving_level.shape[0] > 1 and len(idx) < moving_level.shape[0] and (
+                    gathered_idx is None or not torch.equal(gathered_idx, idx)):
+                gathered, gathered_idx = moving_level[idx], idx
+            sampled, inside = sample_mapped_points(
+                gathered, centred, moving_vox_from_world @ transforms[idx] @ to_center)
             weight = base_weight * inside.to(fixed.dtype)  # (b, N)
 
             if intensity_bins:
@@ -269,22 +278,20 @@ def register_rigid(
                 gain = None
 
             # Huber weights from a robust (MAD) residual scale per volume and channel.
-            sigma = 1.4826 * error.abs().median(dim=-1).values.clamp_min(1e-6)
+            sigma = 1.4826 * error[..., ::median_stride].abs().median(dim=-1).values.clamp_min(
+                1e-6)
             cutoff = huber * sigma[..., None]
             robust = torch.where(error.abs() <= cutoff, torch.ones_like(error),
                                  cutoff / error.abs().clamp_min(1e-12))
-            w = (weight[:, None] * robust * (weights_c / scale ** 2)[None, :, None]).to(
-                torch.float64)  # (b, C, N)
-            jac = jacobian.to(torch.float64)  # (C, N, 6)
+            w = weight[:, None] * robust * channel_weight  # (b, C, N)
+            scaled_error = error * scale[None, :, None]
             if gain is None:
-                hessian = torch.einsum("bcn,cni,cnj->bij", w, jac, jac)
-                gradient = torch.einsum("bcn,cni,bcn->bi", w, jac,
-                                        (error * scale[None, :, None]).to(torch.float64))
+                w_jac, w_grad = w, w * scaled_error
             else:  # the map's slope per point scales the Jacobian
-                gain = gain.to(torch.float64)
-                hessian = torch.einsum("bcn,cni,cnj->bij", w * gain ** 2, jac, jac)
-                gradient = torch.einsum("bcn,cni,bcn->bi", w * gain, jac,
-                                        (error * scale[None, :, None]).to(torch.float64))
+                w_jac, w_grad = w * gain ** 2, w * gain * scaled_error
+            # Sums over points in float32 (BLAS); the 6x6 solve in float64.
+            hessian = torch.einsum("bcn,cni,cnj->bij", w_jac, jac, jac).to(torch.float64)
+            gradient = torch.einsum("bcn,cni->bi", w_grad, jac).to(torch.float64)
             # The floor keeps the system solvable when a volume has left the field of view.
             damping = 1e-6 * hessian.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] + 1e-9
             step = torch.linalg.solve(hessian + damping * torch.eye(6, dtype=torch.float64,

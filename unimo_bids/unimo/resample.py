@@ -82,6 +82,34 @@ def sample_points(
     return values.view(volumes.shape[0], volumes.shape[1], -1), inside
 
 
+def sample_mapped_points(
+    volumes: torch.Tensor, points: torch.Tensor, point_to_voxel: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trilinear samples of each volume at shared points, each mapped by its own affine.
+
+    volumes: (B, C, X, Y, Z), or (1, C, X, Y, Z) sampled through all S maps at once;
+    points: (N, 3) coordinates in any frame (best centred, for float32 precision);
+    point_to_voxel: (S, 4, 4) float64 maps from those coordinates to voxel indices, S = B.
+    Returns values (S, C, N) and inside (S, N) bool. The maps are folded into grid_sample's
+    normalised frame first, so that the (S, N, 3) grid is one float32 product: cheaper than
+    ``sample_points`` on voxel coordinates computed beforehand.
+    """
+    shape = volumes.shape[2:]
+    theta = (_normalise_matrix(shape, torch.float64, volumes.device)
+             @ point_to_voxel.to(torch.float64)).to(volumes.dtype)
+    count = theta.shape[0]
+    grid = torch.baddbmm(theta[:, None, :3, 3], points.to(volumes.dtype).expand(count, -1, -1),
+                         theta[:, :3, :3].transpose(1, 2))  # (S, N, 3), (k', j', i') order
+    values = F.grid_sample(volumes, grid.view(volumes.shape[0], -1, 1, 1, 3), mode="bilinear",
+                           padding_mode="zeros", align_corners=True)
+    # grid_sample's frame spans [-1, 1] on each axis (a one-voxel axis: only -1).
+    upper = torch.tensor([1.0 if n > 1 else -1.0 for n in reversed(shape)], dtype=grid.dtype,
+                         device=grid.device)
+    inside = ((grid >= -1.0) & (grid <= upper)).all(-1)
+    return values.view(volumes.shape[1], count, -1).transpose(0, 1) if volumes.shape[0] == 1 \
+        and count > 1 else values.view(count, volumes.shape[1], -1), inside
+
+
 # Up to this many voxels along an axis, a dense (n, n) banded matrix product (BLAS) beats
 # conv3d with a 1-D kernel 8-15x on CPU (benchmarks/blur.py); beyond, its n MACs per voxel lose.
 MATMUL_BLUR_MAX_SIZE = 160

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from .geometry import centroids, voxel_sizes
-from .hmc import IMAGE_LEVELS, IMAGE_SHAPE_LEVELS, SHAPE_CLIP_MM, pick_start, \
-    registration_weight
+from .hmc import SHAPE_CLIP_MM, pick_start, registration_weight, series_levels
 from .register import register_rigid
 from .shape import signed_distance
 
@@ -114,7 +113,7 @@ def align_run(
     moving = torch.as_tensor(_channels(run, run_affine, run_mask), device=device)[None]
     weight = torch.as_tensor(registration_weight(reference_mask, reference_affine, margin_mm),
                              device=device)
-    levels = IMAGE_SHAPE_LEVELS if run_mask is not None else IMAGE_LEVELS
+    levels = series_levels(run_mask is not None)
     starts = start_transforms(centroids(reference_mask, reference_affine), run_center)
     coarse = register_rigid(fixed, moving, reference_affine, run_affine, weight, init=starts,
                             levels=levels[:1])
