@@ -179,8 +179,8 @@ def test_moving_anatomy_through_the_cli(tmp_path, fetal_dataset, moving_brain, c
     root, mask_file, relative = fetal_dataset
     out = tmp_path / "out"
     code = main([str(root), str(out), "participant", "--moving-anatomy", "--derivatives",
-                 str(root.parent / "masks"), "--nprocs", "1", "--omp-nthreads", "1",
-                 "-w", str(tmp_path / "work"), "--template", "none"])
+                 str(root.parent / "masks"), "--seg-model", "classical", "--nprocs", "1",
+                 "--omp-nthreads", "1", "-w", str(tmp_path / "work"), "--template", "none"])
     assert code == 0, capsys.readouterr().err
     prefix = out / relative.replace("_bold.nii.gz", "")
     tracked = nb.load(f"{prefix}_desc-tracked_mask.nii.gz")
@@ -234,15 +234,15 @@ PACKAGED_SEGMENTER = Path(__file__).resolve().parents[1] / "unimo_bids" / "data"
 
 @pytest.mark.slow
 def test_trained_segmenter_through_the_cli(tmp_path, fetal_dataset, moving_brain, capsys):
-    """--seg-model: the packaged U-Net segments every volume; tracking checks its masks
-    against the tracked ones (mask_agreement) and still follows the brain."""
+    """--moving-anatomy's default segmenter: the packaged U-Net segments every volume;
+    tracking checks its masks against the tracked ones (mask_agreement) and still follows the
+    brain."""
     _, affine, truth, masks = moving_brain
     root, _, relative = fetal_dataset
     out = tmp_path / "out"
     code = main([str(root), str(out), "participant", "--moving-anatomy", "--derivatives",
-                 str(root.parent / "masks"), "--seg-model", str(PACKAGED_SEGMENTER),
-                 "--nprocs", "1", "--omp-nthreads", "1", "-w", str(tmp_path / "work"),
-                 "--template", "none"])
+                 str(root.parent / "masks"), "--nprocs", "1", "--omp-nthreads", "1",
+                 "-w", str(tmp_path / "work"), "--template", "none"])
     assert code == 0, capsys.readouterr().err
     prefix = out / relative.replace("_bold.nii.gz", "")
     confounds = pd.read_csv(f"{prefix}_desc-confounds_timeseries.tsv", sep="\t")
@@ -253,6 +253,20 @@ def test_trained_segmenter_through_the_cli(tmp_path, fetal_dataset, moving_brain
     estimated = load_xfm(f"{prefix}_from-orig_to-boldref_mode-image_desc-hmc_xfm.txt",
                          fmt="itk").matrix
     assert _errors(estimated, truth, masks[0], affine).max() < 0.6
+
+
+def test_seg_model_choices():
+    from argparse import Namespace
+
+    from unimo_bids.cli.run import seg_model_path
+
+    assert seg_model_path(Namespace(seg_model="auto", moving_anatomy=True)) == PACKAGED_SEGMENTER
+    assert seg_model_path(Namespace(seg_model="auto", moving_anatomy=False)) is None
+    assert seg_model_path(Namespace(seg_model="packaged", moving_anatomy=False)) == \
+        PACKAGED_SEGMENTER
+    assert seg_model_path(Namespace(seg_model="classical", moving_anatomy=True)) is None
+    assert seg_model_path(Namespace(seg_model="my.pt", moving_anatomy=True)).name == "my.pt"
+    assert PACKAGED_SEGMENTER.is_file()
 
 
 def test_a_bad_segmenter_file_is_refused_before_any_work(tmp_path, fetal_dataset, capsys):

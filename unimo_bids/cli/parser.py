@@ -209,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     g_seg.add_argument("--derivatives", type=Path, nargs="+", default=None, metavar="DIR",
                        help="folders of precomputed derivatives searched for each series' "
                             "reference mask (<source entities>_desc-brain_mask.nii.gz)")
-    g_seg.add_argument("--seg-model", type=Path, default=None, metavar="PATH",
-                       help="trained segmenter (TorchScript, made with unimo-bids-train-seg) "
-                            "instead of the classical brain masks")
+    g_seg.add_argument("--seg-model", default="auto", metavar="PATH",
+                       help="how each volume is segmented: a trained segmenter (TorchScript, "
+                            "made with unimo-bids-train-seg), 'packaged' (the segmenter shipped "
+                            "with unimo-bids, trained for fetal MRI), or 'classical' (weight-free "
+                            "masks); 'auto' (default): packaged with --moving-anatomy, "
+                            "classical otherwise")
     g_seg.add_argument("--template", default="auto", metavar="ID",
                        help="TemplateFlow template whose brain mask checks the reference mask, "
                             "read offline from TEMPLATEFLOW_HOME; 'auto' uses "

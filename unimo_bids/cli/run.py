@@ -68,6 +68,18 @@ def check_deform_weights(args) -> None:
         raise UsageError(f"--deform-weights: {err}" if args.deform_weights else str(err)) from err
 
 
+def seg_model_path(args) -> Path | None:
+    """The segmenter file that --seg-model names, or None for the classical masks."""
+    from ..unimo.segnet import PACKAGED_SEGMENTER
+
+    choice = str(getattr(args, "seg_model", None) or "classical")
+    if choice == "auto":
+        choice = "packaged" if getattr(args, "moving_anatomy", False) else "classical"
+    if choice == "classical":
+        return None
+    return PACKAGED_SEGMENTER if choice == "packaged" else Path(choice).resolve()
+
+
 def check_seg_model(path) -> None:
     """Refuse, before any work, a --seg-model file that is not a unimo-bids segmenter."""
     if path is None:
@@ -174,8 +186,8 @@ def masks_summary(args) -> str:
     """One line for the report: where the masks came from."""
     parts = ["tracked (moving anatomy)" if getattr(args, "moving_anatomy", False) else
              "per volume"]
-    parts.append(f"segmenter {args.seg_model}" if getattr(args, "seg_model", None)
-                 else "classical segmentation")
+    segmenter = seg_model_path(args)
+    parts.append(f"segmenter {segmenter}" if segmenter else "classical segmentation")
     if getattr(args, "ref_mask", None):
         parts.append(f"reference mask {args.ref_mask}")
     elif getattr(args, "derivatives", None):
@@ -303,7 +315,11 @@ def run_participant(args) -> int:
         return build_reports(args, output_dir, bids_dir, errors={})
     device = resolve_device(args.device)
     check_weights(args.weights, device)
-    check_seg_model(args.seg_model)
+    seg_model = seg_model_path(args)
+    check_seg_model(seg_model)
+    if seg_model is not None and args.seg_model == "auto":
+        LOGGER.info("--moving-anatomy: every volume is segmented with the packaged segmenter "
+                    "(%s); --seg-model PATH or 'classical' chooses otherwise", seg_model.name)
     check_deform_weights(args)
     if args.moving_anatomy and not args.refine:
         raise UsageError("--no-refine cannot be combined with --moving-anatomy (tracking "
@@ -341,7 +357,7 @@ def run_participant(args) -> int:
         moving_anatomy=args.moving_anatomy, deformable=args.deformable,
         deform_weights=str(args.deform_weights.resolve()) if args.deform_weights else None,
         deform_predictor=bool(args.deform_predictor or args.deform_weights),
-        seg_model=str(args.seg_model.resolve()) if args.seg_model else None,
+        seg_model=str(seg_model) if seg_model else None,
         template=template, template_home=template_home)
     workflow = init_unimo_bids_wf(runs, options)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -326,6 +327,11 @@ def save_segmenter(model: BrainUNet, path, metadata: dict) -> None:
     scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
     torch.jit.save(scripted, str(path),
                    _extra_files={METADATA_NAME: json.dumps(record, indent=1, sort_keys=True)})
+
+
+# The segmenter trained here and shipped with its model card (unimo_segmenter_cpu.md).
+PACKAGED_SEGMENTER = Path(__file__).resolve().parent.parent / "data" / "weights" / \
+    "unimo_segmenter_cpu.pt"
 
 
 def load_segmenter(path, device="cpu"):
