@@ -129,6 +129,29 @@ def test_registration_large_motion_capture(mni_template):
     assert errors.max() < 0.5, errors
 
 
+def test_a_level_with_too_few_points_falls_back_to_the_voxel_grid(mni_template):
+    """Level.min_points: the finest level 1.25 voxels apart keeps its grid when it holds enough
+    weighted points, and otherwise runs on the voxel grid, with its own smoothing."""
+    from unimo_bids.unimo.register import Level
+
+    series, grid, motions, brain = moved_series(mni_template, 4.0, 3, 3.0, 3.0, seed=5)
+    fixed = torch.as_tensor(series[..., 0])[None]
+    moving = torch.as_tensor(np.moveaxis(series, -1, 0))[:, None]
+    weight = torch.as_tensor(brain.astype(np.float32))
+    coarse = (Level(2.0, 10),)
+
+    def run(*finest):
+        return register_rigid(fixed, moving, grid, grid, weight, levels=coarse + finest)
+
+    offgrid, voxel = Level(1.25, 6, smoothing=1.3), Level(1.0, 6, smoothing=1.3)
+    points = int(brain.sum())
+    kept = run(offgrid, Level(1.25, 6, smoothing=1.3, min_points=points // 4)).transforms
+    fallen = run(offgrid, Level(1.25, 6, smoothing=1.3, min_points=points + 1)).transforms
+    np.testing.assert_array_equal(kept, run(offgrid, offgrid).transforms)
+    np.testing.assert_array_equal(fallen, run(offgrid, voxel).transforms)
+    assert not np.array_equal(kept, fallen)
+
+
 def test_apply_head_motion_aligns_volumes(mni_template):
     series, grid, motions, brain = moved_series(mni_template, 4.0, 5, 4.0, 4.0, seed=11,
                                                 noise=0.0)

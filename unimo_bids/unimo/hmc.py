@@ -20,17 +20,19 @@ from .resample import resample, sample_points, voxel_map
 # The finest level samples the reference off its voxel grid (1.25 voxels apart) and band-limits
 # both images a little more (x1.3): the trilinear interpolation's smoothing, which otherwise
 # depends on each volume's sub-voxel position, then biases the estimate less. On real BOLD,
-# DWI, ASL and fetal volumes with known motion this halved the error (docs/benchmarks.md,
-# sections 8 and 13). Not for the binned intensity relation (PET), which it made worse
-# (0.18 -> 0.30 mm): that keeps every voxel, unsmoothed (BINNED_FINEST).
-FINEST_SPACING, FINEST_SMOOTHING = 1.25, 1.3
+# DWI, ASL and adult brains with known motion this halved the error (docs/benchmarks.md,
+# sections 8, 10 and 13). The coarser grid halves the points: below FINEST_MIN_POINTS (a fetal
+# brain in its shrunken tracking mask: ~4,000) the noise that adds wins, and the voxel grid is
+# used (still smoothed). Not for the binned intensity relation (PET), which it made worse
+# (0.18 -> 0.30 mm): that keeps every voxel, unsmoothed (BINNED_FINEST_SPACING).
+FINEST_SPACING, FINEST_SMOOTHING, FINEST_MIN_POINTS = 1.25, 1.3, 10_000
 IMAGE_SHAPE_LEVELS = (
     Level(4.0, 30, (1.0, 1.0)),
     Level(2.0, 20, (1.0, 0.5)),
-    Level(FINEST_SPACING, 12, (1.0, 0.0), FINEST_SMOOTHING),
+    Level(FINEST_SPACING, 12, (1.0, 0.0), FINEST_SMOOTHING, FINEST_MIN_POINTS),
 )
 IMAGE_LEVELS = (Level(4.0, 30), Level(2.0, 20),
-                Level(FINEST_SPACING, 12, (1.0,), FINEST_SMOOTHING))
+                Level(FINEST_SPACING, 12, (1.0,), FINEST_SMOOTHING, FINEST_MIN_POINTS))
 BINNED_FINEST_SPACING = 1.0
 
 

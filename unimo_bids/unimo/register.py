@@ -9,7 +9,7 @@ local signal changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,12 +27,15 @@ class Level:
     channel_weights: weight of each image channel at this level (e.g. intensity, shape map).
     smoothing: both images are band-limited as for a grid this many times coarser than the
         level's own (1: for the level's grid).
+    min_points: when the level's grid holds fewer weighted points than this, the level uses
+        the finest voxel grid (spacing factor 1) instead.
     """
 
     spacing_factor: float
     iterations: int
     channel_weights: tuple = (1.0,)
     smoothing: float = 1.0
+    min_points: int = 0
 
 
 DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
@@ -227,6 +230,10 @@ def register_rigid(
         weights_c = weights_c[kept]
         points, fixed_values, jacobian, base_weight, spacing = _fixed_level(
             fixed[kept], fixed_affine, fixed_weight, level)
+        if len(points) < level.min_points and level.spacing_factor != 1.0:
+            level = replace(level, spacing_factor=1.0)
+            points, fixed_values, jacobian, base_weight, spacing = _fixed_level(
+                fixed[kept], fixed_affine, fixed_weight, level)
         centred = (points - center).to(fixed.dtype)
         moving_level = gaussian_blur(moving[:, kept],
                                      band_limit_sigma(moving_affine, level.smoothing * spacing))
