@@ -20,8 +20,9 @@ from .resample import resample, sample_points, voxel_map
 # The finest level samples the reference off its voxel grid (1.25 voxels apart) and band-limits
 # both images a little more (x1.3): the trilinear interpolation's smoothing, which otherwise
 # depends on each volume's sub-voxel position, then biases the estimate less. On real BOLD,
-# DWI, ASL and adult brains with known motion this halved the error (docs/benchmarks.md,
-# sections 8, 10 and 13). The coarser grid halves the points: below FINEST_MIN_POINTS (a fetal
+# DWI, ASL and adult brains moved by known motion this halved the error; by a fifth when the
+# reference is resampled too, and mixed on synthetic 4 mm cases (docs/benchmarks.md, sections
+# 8, 10, 12 and 13). The coarser grid halves the points: below FINEST_MIN_POINTS (a fetal
 # brain in its shrunken tracking mask: ~4,000) the noise that adds wins, and the voxel grid is
 # used (still smoothed). Not for the binned intensity relation (PET), which it made worse
 # (0.18 -> 0.30 mm): that keeps every voxel, unsmoothed (BINNED_FINEST_SPACING).
