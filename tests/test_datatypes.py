@@ -300,7 +300,8 @@ def test_real_asl_runs_through_the_cli_with_a_control_volume_reference(tmp_path)
     neighbours = np.stack([shifts[[j for j in (i - 1, i + 1) if 0 <= j < len(shifts)]].mean(0)
                            for i in labels])
     class_offset = np.abs((shifts[labels] - neighbours).mean(axis=0)).max()
-    assert class_offset < 0.1, f"{class_offset:.3f} mm"  # measured 0.036 mm
+    print(f"real ASL: label volumes {class_offset:.3f} mm from their neighbouring controls")
+    assert class_offset < 0.1, f"{class_offset:.3f} mm"  # measured 0.026 mm
     assert np.nanmax(confounds["framewise_displacement"]) < 1.0  # measured 0.48 mm
 
     from bids import BIDSLayout
