@@ -20,7 +20,7 @@ from .resample import resample, sample_points, voxel_map
 # The finest level samples the reference off its voxel grid (1.25 voxels apart) and band-limits
 # both images a little more (x1.3): the trilinear interpolation's smoothing, which otherwise
 # depends on each volume's sub-voxel position, then biases the estimate less. On real BOLD,
-# DWI, ASL and adult brains moved by known motion this halved the error; by a fifth when the
+# DWI, ASL and adult brains moved by known motion this halved the error; by 28 % when the
 # reference is resampled too, and mixed on synthetic 4 mm cases (docs/benchmarks.md, sections
 # 8, 10, 12 and 13). The coarser grid halves the points: below FINEST_MIN_POINTS (a fetal
 # brain in its shrunken tracking mask: ~4,000) the noise that adds wins, and the voxel grid is
