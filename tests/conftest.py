@@ -54,4 +54,4 @@ def shared_data() -> Path:
     folder = os.environ.get("UNIMO_TEST_DATA")
     if not folder or not Path(folder).is_dir():
         pytest.skip("UNIMO_TEST_DATA is not set to the shared data folder")
-    return Path(folder)
+    return Path(folder).absolute()  # CI gives ../shared/data; tests and nodes change folder

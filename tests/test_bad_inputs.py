@@ -338,6 +338,34 @@ def test_corrupt_gzip_is_named_by_the_reader(tmp_path):
 # --- interruption ----------------------------------------------------------------------------
 
 
+def test_an_interrupt_swallowed_by_a_finaliser_still_ends_the_run_as_interrupted(
+        tmp_path, monkeypatch, capsys):
+    """Python only reports ("Exception ignored") a KeyboardInterrupt raised while a finaliser
+    runs, and goes on; the run then finishes, and must still exit 130."""
+    import signal
+
+    from unimo_bids.cli import run
+
+    class InterruptedWhileFinalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between these bytecodes, inside __del__
+                pass
+
+    def group_level(args):
+        InterruptedWhileFinalised()  # dropped at once: __del__ runs here
+        return 0
+
+    monkeypatch.setattr(run, "run_group", group_level)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        code = run.main([str(tmp_path), str(tmp_path / "out"), "group"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err.splitlines()[-1]
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_interrupted_run_stops_cleanly(small_dataset, tmp_path, signal_name):
     """SIGTERM to the main process (docker stop, a batch scheduler), or SIGINT to the whole

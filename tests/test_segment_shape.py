@@ -307,7 +307,7 @@ def _shared() -> Path:
     folder = os.environ.get("UNIMO_TEST_DATA")
     if not folder or not Path(folder).is_dir():
         pytest.skip("UNIMO_TEST_DATA is not set to the shared data folder")
-    return Path(folder)
+    return Path(folder).absolute()
 
 
 @pytest.mark.parametrize("name,minimum", [

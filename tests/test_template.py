@@ -147,6 +147,10 @@ def test_lookup_prefers_res02_and_finds_the_t1w(nilearn_home, monkeypatch):
         folder / f"tpl-{NILEARN_ID}_res-02_desc-brain_mask.nii.gz")
     monkeypatch.delenv("TEMPLATEFLOW_HOME")
     assert templateflow_home() == Path.home() / ".cache" / "templateflow"
+    # A relative $TEMPLATEFLOW_HOME is made absolute: workflow nodes run in other folders.
+    monkeypatch.chdir(nilearn_home.parent)
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", nilearn_home.name)
+    assert templateflow_home() == nilearn_home.absolute()
 
 
 def test_lookup_in_the_shared_templateflow_home(monkeypatch):

@@ -465,23 +465,50 @@ def versions() -> dict:
             "torch": torch.__version__, "nipype": nipype.__version__}
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (batch schedulers, docker stop) like Ctrl-C: unwind and clean up."""
+# Set by a SIGINT or SIGTERM to the main process. The KeyboardInterrupt the handler raises can
+# be swallowed ("Exception ignored in ...") when it lands in a finaliser or callback; the run
+# then ends as if nothing happened, and this flag still makes it exit as interrupted.
+_INTERRUPTED = threading.Event()
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C, and SIGTERM (batch schedulers, docker stop) the same way: unwind and clean up."""
     main_pid = os.getpid()
+    _INTERRUPTED.clear()
 
     def handler(signum, frame):
         if os.getpid() != main_pid:  # a forked worker: end quietly, the main process reports
+            if signum == signal.SIGINT:
+                return signal.default_int_handler(signum, frame)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
+            return None
+        _INTERRUPTED.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _interrupted() -> int:
+    # The dying worker pool reports its broken futures; the line below says it all.
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)
+    print("unimo-bids: interrupted; finished outputs are complete, unfinished ones were not "
+          "written", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    _interrupt_on_sigterm()
+    _interrupt_on_signals()
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    return _interrupted() if _INTERRUPTED.is_set() else code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -503,9 +530,4 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"unimo-bids: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # The dying worker pool reports its broken futures; the line below says it all.
-        logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)
-        print("unimo-bids: interrupted; finished outputs are complete, unfinished ones were not "
-              "written", file=sys.stderr)
-        return 130
+

@@ -56,9 +56,10 @@ class TemplateNotFound(FileNotFoundError):
 
 
 def templateflow_home() -> Path:
-    """TemplateFlow's home folder: ``$TEMPLATEFLOW_HOME``, else ``~/.cache/templateflow``."""
+    """TemplateFlow's home folder: ``$TEMPLATEFLOW_HOME``, else ``~/.cache/templateflow``;
+    absolute, since workflow nodes run in folders of their own."""
     home = os.environ.get("TEMPLATEFLOW_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "templateflow"
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "templateflow").absolute()
 
 
 def parse_template(template: str) -> tuple[str, dict]:
