@@ -151,10 +151,12 @@ def network_head_motion(
 
 
 def _usable_starts(coarse: RigidResult, n_starts: int) -> np.ndarray:
-    """(n_starts, b) whether each start kept at least 80 % of the volume's best overlap with
-    the field of view (a residual over few points is not comparable)."""
+    """(n_starts, b) whether each start kept at least 80 % of the median overlap of the
+    volume's starts with the field of view (a residual over few points is not comparable).
+    The median, not the best: one wrong pose that crams more of the brain into a thin slab
+    must not rule out the right one (a resliced fetal stack: 0.86 against 0.67)."""
     overlap = coarse.overlap.reshape(n_starts, -1)
-    return overlap >= 0.8 * overlap.max(0)
+    return overlap >= 0.8 * np.median(overlap, axis=0)
 
 
 def pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
@@ -164,7 +166,7 @@ def pick_start(coarse: RigidResult, n_starts: int) -> np.ndarray:
     return np.argmin(np.where(_usable_starts(coarse, n_starts), residual, np.inf), axis=0)
 
 
-def _rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
+def rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
                  agree_mm: float = 2.0, close: float = 1.2) -> np.ndarray:
     """(b,) index of the best usable start whose coarse result disagrees with the picked one
     (by more than ``agree_mm``: translation plus rotation at 50 mm) while its coarse residual
@@ -281,7 +283,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             result = register_rigid(fixed_t, moving, affine, affine, weight,
                                     init=ends[pick, np.arange(count)], levels=levels[1:],
                                     intensity_bins=intensity_bins)
-            rival = _rival_start(coarse, n_starts, pick)
+            rival = rival_start(coarse, n_starts, pick)
             contested = np.flatnonzero(rival >= 0)
             if contested.size:
                 # The coarse level cannot always tell a wrong start from the right one when
