@@ -137,12 +137,14 @@ def test_refinement_from_the_network_captures_any_rotation(network, any_rotation
     errors = mean_displacement(result.transforms, truth, points)
     assert errors.max() < 0.1, errors
     # Without the network the refinement alone fails on some of these large rotations (the
-    # test can fail), and on each of those the network's estimate was the start taken.
+    # test can fail), and on each of those one of the network's estimates (fused or shape
+    # branch) was the start taken.
     classical = estimate_head_motion(series, grid, series[..., 0], masks[..., 0], shapes,
                                      shapes[..., 0])
     lost = mean_displacement(classical.transforms, truth, points) > 5.0
     assert lost.any()
-    assert result.start[lost].all(), (result.start, lost)
+    assert result.network_starts == 2
+    assert np.isin(result.start[lost], [1, 2]).all(), (result.start, lost)
 
 
 def test_no_refine_returns_the_fused_network_estimate(network, any_rotation_series):

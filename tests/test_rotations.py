@@ -7,6 +7,8 @@ antipodal and nearly parallel quaternions, values and gradients.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import roma
@@ -322,6 +324,25 @@ def test_fuse_rigid_endpoints_and_identical_inputs():
                       center.expand(4, 3))
     assert torch.allclose(same[:, :3, :3], R_i, atol=1e-12)
     assert torch.allclose(same[:, :3, 3], t_i, atol=1e-10)
+
+
+def test_fuse_rigid_keeps_the_image_branch_where_the_branches_disagree():
+    """With ``max_angle``, a shape estimate turned 170 degrees from the image's (a mask flipped
+    about an axis of symmetry) is not fused: the image estimate comes back, exactly. One 20
+    degrees away is fused as without the gate, and the gradient still reaches lambda."""
+    R_i, t_i = random_rigid(2, 4)
+    turn = roma.rotvec_to_rotmat(torch.tensor([[0.0, 0, math.radians(170)],
+                                               [0.0, math.radians(20), 0]], dtype=torch.float64))
+    R_s, t_s = R_i @ turn, t_i + torch.tensor([5.0, -3, 2], dtype=torch.float64)
+    center = torch.tensor([2.0, -18.0, 20.0], dtype=torch.float64)
+    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    gated = fuse_rigid(R_i, t_i, R_s, t_s, lam, center, max_angle=math.radians(45))
+    plain = fuse_rigid(R_i, t_i, R_s, t_s, lam, center)
+    assert torch.equal(gated[0, :3, :3], R_i[0]) and torch.equal(gated[0, :3, 3], t_i[0])
+    assert not torch.allclose(plain[0], gated[0], atol=1e-3)
+    assert torch.allclose(gated[1], plain[1], atol=1e-12)
+    gated[1].sum().backward()
+    assert lam.grad is not None and torch.isfinite(lam.grad) and lam.grad != 0
 
 
 def test_fuse_rigid_interpolates_about_the_centre():

@@ -55,7 +55,9 @@ TRACKING_META = {
 NETWORK_META = {
     "unimo_lambda": {
         "Description": "Learned SLERP weight of the shape branch in the fused network estimate "
-                       "(0 = image branch only, 1 = shape branch only).",
+                       "(0 = image branch only, 1 = shape branch only); where the two branches' "
+                       "rotations are more than 45 degrees apart, the fused estimate is the "
+                       "image branch's.",
         "Units": "arbitrary",
     },
     "unimo_refine_shift": {
@@ -71,8 +73,9 @@ NETWORK_META = {
         "Units": "mm",
     },
     "unimo_start_network": {
-        "Description": "1 where refinement continued from the network's estimate, 0 where it "
-                       "continued from another start (the identity, or in moving-anatomy mode "
+        "Description": "1 where refinement continued from one of the network's estimates "
+                       "(fused or shape branch), 0 where it continued from "
+                       "another start (the identity, or in moving-anatomy mode "
                        "the previous round's estimate; the lowest coarse-level residual wins).",
         "Units": "boolean",
     },
@@ -107,7 +110,8 @@ def network_diagnostics(result, affine, mask) -> dict:
                                                        points),
                "unimo_branch_disagreement": mean_displacement(result.network.image,
                                                               result.network.shape, points),
-               "unimo_start_network": (result.start == 1).astype(int)}
+               "unimo_start_network": ((result.start >= 1)
+                                       & (result.start <= result.network_starts)).astype(int)}
     for branch in BRANCHES:
         params = motion_parameters(getattr(result.network, branch), center)
         for i, name in enumerate(PARAMETERS):

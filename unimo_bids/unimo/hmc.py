@@ -85,14 +85,16 @@ class NetworkMotion:
 class HeadMotion:
     """transforms (T, 4, 4) world reference -> world volume; residual and iterations (T,) of
     the refinement (NaN and 0 without it); network: the network's estimates or None;
-    start: (T,) index of the start the refinement went on from: 0 the identity, 1 the
-    network's estimate (when there is a network), then the ``starts`` given."""
+    start: (T,) index of the start the refinement went on from: 0 the identity, 1 to
+    ``network_starts`` the network's estimates (fused, then with shape maps the shape
+    branch's), then the ``starts`` given."""
 
     transforms: np.ndarray
     residual: np.ndarray
     iterations: np.ndarray
     network: NetworkMotion | None = None
     start: np.ndarray | None = None
+    network_starts: int = 0
 
 
 def _volume_centroids(shape_series, start, stop, affine, fallback) -> torch.Tensor:
@@ -244,7 +246,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
         if progress is not None:
             progress(n_vols)
         return HeadMotion(estimates.fused, np.full(n_vols, np.nan), np.zeros(n_vols, int),
-                          estimates, np.ones(n_vols, int))
+                          estimates, np.ones(n_vols, int), 1)
 
     use_shape = shape_series is not None and shape_reference is not None
     fixed = [reference]
@@ -254,6 +256,8 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
     weight = torch.as_tensor(registration_weight(reference_mask, affine, margin_mm),
                               device=device)
     levels = series_levels(use_shape, intensity_bins)
+    network_branches = (() if estimates is None else
+                        ("fused", "shape") if use_shape else ("fused",))
 
     results, starts_used = [], []
     for begin in range(0, n_vols, chunk_size):
@@ -266,7 +270,9 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
         count = stop - begin
         candidates = [np.tile(np.eye(4), (count, 1, 1))]
         if estimates is not None:
-            candidates.append(estimates.fused[begin:stop])
+            # The shape branch's too: where the branches disagree the fused estimate is the
+            # image branch's, and the shape branch's may be the one in the capture range.
+            candidates += [getattr(estimates, name)[begin:stop] for name in network_branches]
         if starts is not None:
             candidates.append(np.asarray(starts, dtype=float)[begin:stop])
         if len(candidates) == 1:
@@ -305,6 +311,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
         iterations=np.concatenate([r.iterations for r in results]),
         network=estimates,
         start=np.concatenate(starts_used),
+        network_starts=len(network_branches),
     )
 
 

@@ -16,6 +16,7 @@ The weights and their configuration travel together in one checkpoint (``save_ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,20 @@ class UniMoRigidNet(torch.nn.Module):
         return working_grid(shape, affine, self.spacing_mm, self.size, mask=mask)
 
 
+# Branches whose rotations are further apart than this are not fused (``fuse_rigid``): a
+# near-symmetric mask, e.g. one cut by a thin slab, flips the shape branch about an axis of
+# symmetry. The image branch is kept then: the shape branch is only as good as the
+# segmentation behind it. 45: on the unseen-modality benchmark (docs/benchmarks.md, 12).
+MAX_FUSION_ANGLE_DEG = 45.0
+
+
 @dataclass
 class RigidEstimates:
-    """(B, 4, 4) float64 transforms, reference world -> volume world, and lambda."""
+    """(B, 4, 4) float64 transforms, reference world -> volume world, and lambda.
+
+    fused is the SLERP of the branches where they agree within ``MAX_FUSION_ANGLE_DEG``, and
+    the image estimate where they do not.
+    """
 
     image: torch.Tensor
     shape: torch.Tensor
@@ -162,7 +174,7 @@ def network_estimates(
     R_g, t_g = _branch(net.shape_encoder, fixed_shape, moving_shape, grid_affine,
                        fixed_offsets, moving_offsets)
     lam = net.lam.to(torch.float64)
-    fused = fuse_rigid(R_i, t_i, R_g, t_g, lam, center)
+    fused = fuse_rigid(R_i, t_i, R_g, t_g, lam, center, math.radians(MAX_FUSION_ANGLE_DEG))
     return RigidEstimates(image, homogeneous(R_g, t_g), fused, lam)
 
 

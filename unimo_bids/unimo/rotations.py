@@ -112,6 +112,7 @@ def fuse_rigid(
     t_shape: torch.Tensor,
     lam,
     center,
+    max_angle: float | None = None,
 ) -> torch.Tensor:
     """UniMo fusion of the image-branch and shape-branch rigid estimates.
 
@@ -122,6 +123,9 @@ def fuse_rigid(
     The rotation is the SLERP of the two quaternions; the translation interpolates where each
     branch sends the centre, x -> R (x - c) + c + d with d = (1 - lam) d_image + lam d_shape,
     so both parts are interpolated about the same point and a pure rotation about c stays one.
+    max_angle: optional radians; where the two rotations are further apart, the image estimate
+        is returned instead (a SLERP halfway between two rotations 180 degrees apart estimates
+        neither of them).
     Returns (B, 4, 4) float64 transforms, reference world -> moving world.
     """
     dtype = torch.float64
@@ -139,7 +143,11 @@ def fuse_rigid(
 
     displacement = (1.0 - lam_col) * shift(R_image, t_image) + lam_col * shift(R_shape, t_shape)
     translation = center + displacement - torch.einsum("bij,bj->bi", rotation, center)
-    return homogeneous(rotation, translation)
+    fused = homogeneous(rotation, translation)
+    if max_angle is None:
+        return fused
+    apart = roma.rotmat_geodesic_distance(R_image, R_shape) > max_angle
+    return torch.where(apart[:, None, None], homogeneous(R_image, t_image), fused)
 
 
 def bounded_weight(raw: torch.Tensor) -> torch.Tensor:
