@@ -250,9 +250,10 @@ def masks_of(case: Series, masks_source):
             brain_mask(np.ascontiguousarray(np.moveaxis(case.series, -1, 0)), sizes))
 
 
-def estimates(case: Series, ref_mask, masks, networks, refine_margin_mm):
+def estimates(case: Series, ref_mask, masks, networks, refine_margin_mm, rotation_search=False):
     """{label: (transforms (T, 4, 4), seconds)}: every network's branches, and with a
-    ``refine_margin_mm`` the packaged network + refinement."""
+    ``refine_margin_mm`` the packaged network + refinement (with the 24 cube-rotation starts
+    of ``--moving-anatomy`` when ``rotation_search``)."""
     sizes = voxel_sizes(case.affine)
     shapes = np.ascontiguousarray(np.moveaxis(signed_distance(masks, sizes), 0, -1))
     args = (case.series, case.affine, case.series[..., 0], ref_mask, shapes,
@@ -267,7 +268,8 @@ def estimates(case: Series, ref_mask, masks, networks, refine_margin_mm):
     if refine_margin_mm is not None:
         start = time.perf_counter()
         motion = estimate_head_motion(*args, network=networks["packaged"],
-                                      margin_mm=refine_margin_mm)
+                                      margin_mm=refine_margin_mm,
+                                      rotation_search=rotation_search)
         out[("packaged", "fused + refinement")] = (motion.transforms,
                                                    time.perf_counter() - start)
     return out
@@ -373,8 +375,9 @@ def main(argv=None) -> int:
                         f"{dice(masks, case.true_masks).mean():.2f}, "
                         f"{ref_mask.sum() / case.true_masks[0].sum():.2f}, "
                         f"{np.ptp(masks.reshape(len(masks), -1).sum(1)) / ref_mask.sum():.2f}")
-                for column, (transforms, seconds) in estimates(case, ref_mask, masks, networks,
-                                                                margin).items():
+                for column, (transforms, seconds) in estimates(
+                        case, ref_mask, masks, networks, margin,
+                        rotation_search=still.brain_only).items():
                     row[column] = (mean_displacement(transforms, case.truth, case.points)[moved],
                                    seconds / case.series.shape[-1])
                 errors[(name, regime, source)] = row

@@ -15,7 +15,8 @@ from conftest import shared_data
 
 from unimo_bids.cli.run import main
 from unimo_bids.unimo.geometry import centroids, mean_displacement, rigid_matrix, world_points
-from unimo_bids.unimo.runs import align_run, cube_rotations
+from unimo_bids.unimo.geometry import cube_rotations
+from unimo_bids.unimo.runs import align_run
 from unimo_bids.unimo.segment import reference_mask
 from unimo_bids.unimo.shape import dice
 from unimo_bids.unimo.synthetic import simulate_series

@@ -13,6 +13,8 @@ Conventions used across unimo_bids:
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import roma
 import torch
@@ -169,3 +171,29 @@ def consecutive_rmsd(transforms, points) -> np.ndarray:
     offset = linear @ mean + shift
     out[1:] = np.sqrt(np.clip(quadratic + np.einsum("ti,ti->t", offset, offset), 0.0, None))
     return out
+
+
+def cube_rotations() -> np.ndarray:
+    """(24, 3, 3) the proper rotations of the cube (signed permutation matrices, det +1); the
+    identity first."""
+    found = []
+    for order in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            matrix = np.zeros((3, 3))
+            matrix[range(3), order] = signs
+            if np.linalg.det(matrix) > 0:
+                found.append(matrix)
+    found.sort(key=lambda m: -np.trace(m))  # identity (trace 3) first
+    return np.stack(found)
+
+
+def start_transforms(reference_center: np.ndarray, run_center: np.ndarray) -> np.ndarray:
+    """(24, 4, 4) starts world reference -> world run: each cube rotation about the reference
+    centroid, then the shift of the reference centroid onto the run's. With (T, 3) run centres,
+    (24, T, 4, 4): one set of starts per volume."""
+    run_center = np.asarray(run_center, dtype=float)
+    rotations = cube_rotations().reshape((24,) + (1,) * (run_center.ndim - 1) + (3, 3))
+    starts = np.tile(np.eye(4), (24,) + run_center.shape[:-1] + (1, 1))
+    starts[..., :3, :3] = rotations
+    starts[..., :3, 3] = run_center - rotations @ np.asarray(reference_center, dtype=float)
+    return starts

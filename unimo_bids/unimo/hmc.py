@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from .deform import deformable_voxel_points, field_on_grid
-from .geometry import centroids, rotation_angle, voxel_sizes, world_points
+from .geometry import centroids, rotation_angle, start_transforms, voxel_sizes, world_points
 from .heap import retained_heap
 from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
@@ -35,6 +35,8 @@ IMAGE_SHAPE_LEVELS = (
 IMAGE_LEVELS = (Level(4.0, 30), Level(2.0, 20),
                 Level(FINEST_SPACING, 12, (1.0,), FINEST_SMOOTHING, FINEST_MIN_POINTS))
 BINNED_FINEST_SPACING = 1.0
+# Starts registered together at the coarsest level: each is a copy of the chunk's volumes.
+COARSE_STARTS_AT_ONCE = 4
 
 
 def series_levels(use_shape: bool, intensity_bins: int = 0) -> tuple:
@@ -201,6 +203,7 @@ def estimate_head_motion(
     margin_mm: float = MASK_MARGIN_MM,
     starts: np.ndarray | None = None,
     intensity_bins: int = 0,
+    rotation_search: bool = False,
 ) -> HeadMotion:
     """Rigid transforms aligning every volume of a series to the reference.
 
@@ -225,18 +228,37 @@ def estimate_head_motion(
     intensity_bins: 0 for a linear intensity relation between each volume and the reference;
         n > 0 for any functional relation (``register_rigid``), when contrast changes across
         the series (DWI shells, PET frames).
+    rotation_search: also start from the 24 rotations of the cube about the reference brain's
+        centroid, moved onto each volume's mask centroid (``geometry.start_transforms``), so
+        that no rotation is out of reach when the network's estimates are not (a fetal brain
+        can turn by any angle). The coarsest level runs 24 more times.
     """
     if not refine and network is None:
         raise ValueError("refine=False needs a network")
     with retained_heap():
         return _estimate(series, affine, reference, reference_mask, shape_series,
                          shape_reference, device, chunk_size, progress, network, refine,
-                         margin_mm, starts, intensity_bins)
+                         margin_mm, starts, intensity_bins, rotation_search)
+
+
+def _coarse_level(fixed_t, moving, affine, weight, candidates, level, intensity_bins,
+                  group: int = COARSE_STARTS_AT_ONCE) -> RigidResult:
+    """The coarsest level from every start in ``candidates`` (a list of (b, 4, 4)), a few
+    starts at a time so that memory does not grow with their number; start-major, as
+    ``pick_start`` reads it."""
+    parts = []
+    for first in range(0, len(candidates), group):
+        block = candidates[first:first + group]
+        parts.append(register_rigid(fixed_t, moving.repeat(len(block), 1, 1, 1, 1), affine,
+                                    affine, weight, init=np.concatenate(block), levels=(level,),
+                                    intensity_bins=intensity_bins))
+    return RigidResult(*(np.concatenate([getattr(part, name) for part in parts])
+                         for name in ("transforms", "residual", "iterations", "overlap")))
 
 
 def _estimate(series, affine, reference, reference_mask, shape_series, shape_reference, device,
               chunk_size, progress, network, refine, margin_mm, starts,
-              intensity_bins) -> HeadMotion:
+              intensity_bins, rotation_search) -> HeadMotion:
     n_vols = series.shape[-1]
     estimates = None
     if network is not None:
@@ -256,6 +278,7 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
     weight = torch.as_tensor(registration_weight(reference_mask, affine, margin_mm),
                               device=device)
     levels = series_levels(use_shape, intensity_bins)
+    reference_center = centroids(reference_mask, affine)
     network_branches = (() if estimates is None else
                         ("fused", "shape") if use_shape else ("fused",))
 
@@ -275,15 +298,18 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             candidates += [getattr(estimates, name)[begin:stop] for name in network_branches]
         if starts is not None:
             candidates.append(np.asarray(starts, dtype=float)[begin:stop])
+        if rotation_search:
+            centers = _volume_centroids(shape_series if use_shape else None, begin, stop,
+                                        affine, reference_center).numpy()
+            candidates += list(start_transforms(reference_center, centers))
         if len(candidates) == 1:
             results.append(register_rigid(fixed_t, moving, affine, affine, weight,
                                           levels=levels, intensity_bins=intensity_bins))
             starts_used.append(np.zeros(count, int))
         else:
             n_starts = len(candidates)
-            coarse = register_rigid(fixed_t, moving.repeat(n_starts, 1, 1, 1, 1), affine,
-                                    affine, weight, init=np.concatenate(candidates),
-                                    levels=levels[:1], intensity_bins=intensity_bins)
+            coarse = _coarse_level(fixed_t, moving, affine, weight, candidates, levels[0],
+                                   intensity_bins)
             pick = pick_start(coarse, n_starts)
             ends = coarse.transforms.reshape(n_starts, count, 4, 4)
             result = register_rigid(fixed_t, moving, affine, affine, weight,

@@ -9,39 +9,15 @@ finer levels.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .geometry import centroids, voxel_sizes
+from .geometry import centroids, start_transforms, voxel_sizes
 from .hmc import SHAPE_CLIP_MM, pick_start, registration_weight, rival_start, series_levels
 from .register import register_rigid
 from .shape import signed_distance
-
-
-def cube_rotations() -> np.ndarray:
-    """(24, 3, 3) the proper rotations of the cube (signed permutation matrices, det +1); the
-    identity first."""
-    found = []
-    for order in itertools.permutations(range(3)):
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            matrix = np.zeros((3, 3))
-            matrix[range(3), order] = signs
-            if np.linalg.det(matrix) > 0:
-                found.append(matrix)
-    found.sort(key=lambda m: -np.trace(m))  # identity (trace 3) first
-    return np.stack(found)
-
-
-def start_transforms(reference_center: np.ndarray, run_center: np.ndarray) -> np.ndarray:
-    """(24, 4, 4) starts world reference -> world run: each cube rotation about the reference
-    centroid, then the shift of the reference centroid onto the run's."""
-    starts = np.tile(np.eye(4), (24, 1, 1))
-    starts[:, :3, :3] = cube_rotations()
-    starts[:, :3, 3] = run_center - starts[:, :3, :3] @ reference_center
-    return starts
 
 
 def crop_to_mask(volume: np.ndarray, affine, mask: np.ndarray, margin_mm: float):

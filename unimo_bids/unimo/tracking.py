@@ -121,6 +121,7 @@ def track_moving_anatomy(
     max_rounds: int = 3,
     tolerance_mm: float = 0.05,
     progress=None,
+    rotation_search: bool = True,
 ) -> TrackedMotion:
     """Rigid motion of the anatomy inside ``reference_mask``, with masks that follow it.
 
@@ -133,6 +134,11 @@ def track_moving_anatomy(
     max_rounds, tolerance_mm: segmentation and registration alternate until the transforms
         move by less than ``tolerance_mm`` (mean over the mask) or ``max_rounds`` ran.
     progress: optional callable(n_done) per chunk of volumes, over all rounds.
+    rotation_search: the first registration also starts from the 24 rotations of the cube
+        (``estimate_head_motion``): the anatomy may have turned by any angle, beyond the
+        network's reach (real fetal stacks moved uniformly on SO(3): 5 of 32 volumes failed
+        without it, none with it; docs/benchmarks.md, section 12). Later rounds start from
+        the previous round's estimates.
     """
     reference_mask = np.asarray(reference_mask, dtype=bool)
     if not reference_mask.any():
@@ -153,7 +159,8 @@ def track_moving_anatomy(
             reference_shape if shapes is not None else None, device=device,
             chunk_size=chunk_size, progress=progress,
             network=network if shapes is not None else None,
-            margin_mm=TRACKING_MARGIN_MM, starts=previous)
+            margin_mm=TRACKING_MARGIN_MM, starts=previous,
+            rotation_search=rotation_search and previous is None)
         tracked = carry_mask(reference_mask, affine, motion.transforms, device, chunk_size)
         if previous is not None:
             change = float(mean_displacement(previous, motion.transforms, points).mean())
