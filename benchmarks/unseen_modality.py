@@ -44,14 +44,16 @@ the shape branch without segmentation errors.
 Estimates (``hmc.estimate_head_motion``):
 
 - the network alone (``refine=False``, as ``--no-refine``): the image branch (lambda = 0), the
-  shape branch (lambda = 1) and their fused estimate (the learned lambda), from
+  shape branch (lambda = 1) and their fused estimate (the learned lambda; the image branch where
+  the two rotations are more than 45 degrees apart, ``network.MAX_FUSION_ANGLE_DEG``), from
   ``HeadMotion.network`` (the ``unimo_image_*``/``unimo_shape_*`` diagnostics of UniMoRigid);
   once with the packaged weights (``network.load_network(None)``) and once with untrained random
   weights (``network.UniMoRigidNet('cpu', 16)`` after ``torch.manual_seed(--untrained-seed)``;
   lambda 0.5);
 - the packaged network's fused estimate + test-time refinement (the app's default). Fetal cases
   register inside the manual mask shrunk by 2.5 mm (``tracking.TRACKING_MARGIN_MM``, the first
-  step of ``--moving-anatomy --ref-mask``); the whole-head 8 mm margin would take in the mother.
+  step of ``--moving-anatomy --ref-mask``; the whole-head 8 mm margin would take in the mother),
+  with that mode's 24 cube-rotation starts (``rotation_search``).
 
 Error of a volume: ``geometry.mean_displacement`` between the estimated and the true
 reference -> volume transforms over the still brain mask's points (mm). Reported per case and
@@ -88,7 +90,12 @@ from hmc_accuracy import FAIL_MM, cubic_grid, load_scaled, random_axis_motions, 
 
 from unimo_bids.unimo.geometry import mean_displacement, voxel_sizes, world_points  # noqa: E402
 from unimo_bids.unimo.hmc import MASK_MARGIN_MM, estimate_head_motion  # noqa: E402
-from unimo_bids.unimo.network import DEFAULT_WEIGHTS, UniMoRigidNet, load_network  # noqa: E402
+from unimo_bids.unimo.network import (  # noqa: E402
+    DEFAULT_WEIGHTS,
+    MAX_FUSION_ANGLE_DEG,
+    UniMoRigidNet,
+    load_network,
+)
 from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
 from unimo_bids.unimo.shape import dice, signed_distance  # noqa: E402
 from unimo_bids.unimo.synthetic import simulate_series  # noqa: E402
@@ -431,8 +438,10 @@ def main(argv=None) -> int:
         f"{FETAL_GRID[1]:g} mm grid of {FETAL_GRID[0]}^3. Masks: classical = the app's "
         "`reference_mask`/`brain_mask`; true = the still brain mask moved with each volume; "
         "manual = the fetal manual mask moved with the brain. Image = lambda 0, shape = "
-        "lambda 1, fused = the network's lambda; refinement only with the app's masks (fetal: "
-        f"inside the manual mask shrunk by {-TRACKING_MARGIN_MM:g} mm). Last column, rows with "
+        "lambda 1, fused = the network's lambda (the image branch where the branches' rotations "
+        f"are over {MAX_FUSION_ANGLE_DEG:g} deg apart); refinement only with the app's masks "
+        f"(fetal: inside the manual mask shrunk by {-TRACKING_MARGIN_MM:g} mm, with the 24 "
+        "cube-rotation starts of --moving-anatomy). Last column, rows with "
         "classical masks: their mean Dice with the true masks, the reference mask's volume over "
         "the true one's, and the spread (max - min) of the volumes' mask sizes over the "
         "reference mask's.", "",

@@ -82,7 +82,8 @@ class UniMoRigidNet(torch.nn.Module):
 # Branches whose rotations are further apart than this are not fused (``fuse_rigid``): a
 # near-symmetric mask, e.g. one cut by a thin slab, flips the shape branch about an axis of
 # symmetry. The image branch is kept then: the shape branch is only as good as the
-# segmentation behind it. 45: on the unseen-modality benchmark (docs/benchmarks.md, 12).
+# segmentation behind it. 45 degrees was chosen, not tuned (measured with it: the unseen-modality
+# benchmark, docs/benchmarks.md section 12).
 MAX_FUSION_ANGLE_DEG = 45.0
 
 
@@ -91,7 +92,7 @@ class RigidEstimates:
     """(B, 4, 4) float64 transforms, reference world -> volume world, and lambda.
 
     fused is the SLERP of the branches where they agree within ``MAX_FUSION_ANGLE_DEG``, and
-    the image estimate where they do not.
+    the image estimate where they do not (in eval mode; in training mode every pair is fused).
     """
 
     image: torch.Tensor
@@ -174,7 +175,10 @@ def network_estimates(
     R_g, t_g = _branch(net.shape_encoder, fixed_shape, moving_shape, grid_affine,
                        fixed_offsets, moving_offsets)
     lam = net.lam.to(torch.float64)
-    fused = fuse_rigid(R_i, t_i, R_g, t_g, lam, center, math.radians(MAX_FUSION_ANGLE_DEG))
+    # Training fuses every pair, so that the loss shapes lambda on all of them (and the packaged
+    # weights' training runs as it did before the gate).
+    max_angle = None if net.training else math.radians(MAX_FUSION_ANGLE_DEG)
+    fused = fuse_rigid(R_i, t_i, R_g, t_g, lam, center, max_angle)
     return RigidEstimates(image, homogeneous(R_g, t_g), fused, lam)
 
 
