@@ -41,6 +41,8 @@ def mni_anatomy(resolution_mm: int = 2):
 
 def model_card(summary: dict, checkpoint: str) -> str:
     """Markdown model card for a checkpoint from its training record."""
+    from ..unimo.network import MAX_FUSION_ANGLE_DEG
+
     before = summary["validation_any_rotation_mm_before"]
     after = summary["validation_any_rotation_mm_after"]
     rows = "\n".join(f"| {name} | {before[name]:.2f} | {after[name]:.2f} |" for name in after)
@@ -88,8 +90,11 @@ SO(3); mean displacement error over the brain, mm):
 |---|---|---|
 {rows}
 
-Use: the network's fused estimate starts the test-time refinement (`unimo-bids`, default), or \
-stands alone with `--no-refine`. Measured accuracy on real volumes: docs/benchmarks.md.
+Use: the network's fused estimate and its shape branch's start the test-time refinement \
+(`unimo-bids`, default), or the fused estimate stands alone with `--no-refine`. At inference the \
+fused estimate is the image branch's wherever the two branches' rotations are more than \
+{MAX_FUSION_ANGLE_DEG:g} degrees apart (training fuses every pair). Measured accuracy on real \
+volumes: docs/benchmarks.md.
 """
 
 
