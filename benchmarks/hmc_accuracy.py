@@ -465,7 +465,7 @@ def check_conversions(root, methods):
 
 
 def fmt_mm(value):
-    """Two significant digits below 0.1 mm (errors of a few hundredths are compared there)."""
+    """Three decimals below 0.1 mm (errors of a few hundredths are compared there)."""
     return f"{value:.3f}" if value < 0.1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 

@@ -188,6 +188,31 @@ def rival_start(coarse: RigidResult, n_starts: int, pick: np.ndarray,
     return np.where(np.isfinite(score[best, np.arange(count)]), best, -1)
 
 
+def finish_best_start(coarse: RigidResult, n_starts: int, finish) -> tuple:
+    """The finer levels from each volume's best coarse start (``pick_start``), and from its
+    rival where there is one (``rival_start``): the coarse level cannot always tell a wrong
+    start from the right one when contrast differs from the reference; the finest residual
+    can, and the lower one wins.
+
+    coarse: n_starts blocks of b volumes, start-major. finish(init (k, 4, 4), index (k,)) runs
+    the finer levels for volumes ``index`` from ``init``; returns a RigidResult.
+    Returns (RigidResult of the b volumes, (b,) index of the start each went on from).
+    """
+    count = len(coarse.residual) // n_starts
+    ends = coarse.transforms.reshape(n_starts, count, 4, 4)
+    pick = pick_start(coarse, n_starts)
+    result = finish(ends[pick, np.arange(count)], np.arange(count))
+    rival = rival_start(coarse, n_starts, pick)
+    contested = np.flatnonzero(rival >= 0)
+    if contested.size:
+        other = finish(ends[rival[contested], contested], contested)
+        better = other.residual < result.residual[contested]
+        for field in ("transforms", "residual", "iterations", "overlap"):
+            getattr(result, field)[contested[better]] = getattr(other, field)[better]
+        pick[contested[better]] = rival[contested[better]]
+    return result, pick
+
+
 def estimate_head_motion(
     series: np.ndarray,
     affine,
@@ -310,23 +335,11 @@ def _estimate(series, affine, reference, reference_mask, shape_series, shape_ref
             n_starts = len(candidates)
             coarse = _coarse_level(fixed_t, moving, affine, weight, candidates, levels[0],
                                    intensity_bins)
-            pick = pick_start(coarse, n_starts)
-            ends = coarse.transforms.reshape(n_starts, count, 4, 4)
-            result = register_rigid(fixed_t, moving, affine, affine, weight,
-                                    init=ends[pick, np.arange(count)], levels=levels[1:],
-                                    intensity_bins=intensity_bins)
-            rival = rival_start(coarse, n_starts, pick)
-            contested = np.flatnonzero(rival >= 0)
-            if contested.size:
-                # The coarse level cannot always tell a wrong start from the right one when
-                # contrast differs from the reference; the finest residual can.
-                other = register_rigid(fixed_t, moving[torch.as_tensor(contested)], affine,
-                                       affine, weight, init=ends[rival[contested], contested],
-                                       levels=levels[1:], intensity_bins=intensity_bins)
-                better = other.residual < result.residual[contested]
-                for field in ("transforms", "residual", "iterations", "overlap"):
-                    getattr(result, field)[contested[better]] = getattr(other, field)[better]
-                pick[contested[better]] = rival[contested[better]]
+            result, pick = finish_best_start(
+                coarse, n_starts,
+                lambda init, index: register_rigid(
+                    fixed_t, moving[torch.as_tensor(index)], affine, affine, weight, init=init,
+                    levels=levels[1:], intensity_bins=intensity_bins))
             results.append(result)
             starts_used.append(pick)
         if progress is not None:

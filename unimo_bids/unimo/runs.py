@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .geometry import centroids, start_transforms, voxel_sizes
-from .hmc import SHAPE_CLIP_MM, pick_start, registration_weight, rival_start, series_levels
+from .hmc import SHAPE_CLIP_MM, finish_best_start, registration_weight, series_levels
 from .register import register_rigid
 from .shape import signed_distance
 
@@ -93,13 +93,9 @@ def align_run(
     starts = start_transforms(centroids(reference_mask, reference_affine), run_center)
     coarse = register_rigid(fixed, moving, reference_affine, run_affine, weight, init=starts,
                             levels=levels[:1])
-    pick = pick_start(coarse, len(starts))
-    rival = int(rival_start(coarse, len(starts), pick)[0])
-    # Two starts that end the coarse level apart with close residuals both go on: the finest
-    # residual tells them apart (as hmc.estimate_head_motion does per volume).
-    tried = [int(pick[0])] + ([rival] if rival >= 0 else [])
-    fine = register_rigid(fixed, moving, reference_affine, run_affine, weight,
-                          init=coarse.transforms[tried], levels=levels[1:])
-    best = int(np.argmin(fine.residual))
-    return RunAlignment(fine.transforms[best], float(fine.residual[best]),
-                        float(fine.overlap[best]), tried[best])
+    fine, pick = finish_best_start(
+        coarse, len(starts),
+        lambda init, index: register_rigid(fixed, moving, reference_affine, run_affine, weight,
+                                           init=init, levels=levels[1:]))
+    return RunAlignment(fine.transforms[0], float(fine.residual[0]), float(fine.overlap[0]),
+                        int(pick[0]))
