@@ -4,7 +4,10 @@ The real xa30 BOLD series (64x64x33x20) is tiled to ``--volumes`` volumes (defau
 chunk). Timed separately, best of ``--repeats`` after a warm-up, in ms per volume:
 
 - masks + shape maps: ``segment.reference_mask`` and ``segment.brain_mask`` of every volume and
-  their ``shape.signed_distance`` (what the Segment and ShapeMap interfaces compute);
+  their ``shape.signed_distance`` (what the Segment and ShapeMap interfaces compute on a CPU),
+  and the same in torch on ``--device`` (``segment_torch.brain_mask_torch``,
+  ``shape_torch.signed_distance_torch``: what they compute on a CUDA device), with the number
+  of mask voxels and the largest map difference between the two;
 - network alone: ``hmc.network_head_motion`` (resampling onto the working grid, both encoders,
   Kabsch, fusion);
 - refinement alone: ``hmc.estimate_head_motion`` without the network (from the identity);
@@ -34,7 +37,9 @@ from unimo_bids.unimo.geometry import voxel_sizes  # noqa: E402
 from unimo_bids.unimo.hmc import estimate_head_motion, network_head_motion  # noqa: E402
 from unimo_bids.unimo.network import load_network  # noqa: E402
 from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
+from unimo_bids.unimo.segment_torch import brain_mask_torch  # noqa: E402
 from unimo_bids.unimo.shape import signed_distance  # noqa: E402
+from unimo_bids.unimo.shape_torch import signed_distance_torch  # noqa: E402
 
 
 def best_ms_per_volume(step, n_volumes, repeats, device):
@@ -81,9 +86,24 @@ def main(argv=None) -> int:
         return (series, affine, reference, state["ref_mask"], state["shapes"],
                 state["ref_shape"])
 
+    def masks_and_shapes_torch():
+        volumes = torch.as_tensor(np.moveaxis(series, -1, 0), device=args.device)
+        reference_t = torch.as_tensor(reference[None], device=args.device)
+        state["torch_ref_shape"] = signed_distance_torch(brain_mask_torch(reference_t, sizes),
+                                                         sizes).cpu().numpy()
+        masks = brain_mask_torch(volumes, sizes)
+        state["torch_masks"] = masks.cpu().numpy()
+        state["torch_shapes"] = signed_distance_torch(masks, sizes).cpu().numpy()
+
     n = args.volumes
     cost = best_ms_per_volume(masks_and_shapes, n, args.repeats, "cpu")
-    rows = [["masks + shape maps", f"{cost:.1f}"]]
+    rows = [["masks + shape maps (scipy, CPU)", f"{cost:.1f}"]]
+    cost = best_ms_per_volume(masks_and_shapes_torch, n, args.repeats, args.device)
+    scipy_masks = np.moveaxis(state["shapes"], -1, 0) < 0
+    differ = int((scipy_masks != state["torch_masks"]).sum())
+    largest = float(np.abs(np.moveaxis(state["shapes"], -1, 0) - state["torch_shapes"]).max())
+    rows.append([f"masks + shape maps (torch, {args.device}; {differ} mask voxels differ, maps "
+                 f"within {largest:.1e} mm)", f"{cost:.1f}"])
     steps = {
         "network alone": lambda: network_head_motion(net, *inputs(), device=args.device),
         "refinement alone (from the identity)":

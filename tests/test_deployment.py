@@ -103,9 +103,10 @@ def test_gpu_steps_take_gpu_slots_only_on_a_gpu(tmp_path, device):
         assert gpu_nodes == set()
         assert nodes["unimo_rigid"].n_procs == 2
     else:
-        assert gpu_nodes == {"unimo_rigid", "apply_hmc", "unimo_deform"}
+        # Classical masks and shape maps are made on the GPU too (segment_torch, shape_torch).
+        assert gpu_nodes == {"unimo_rigid", "apply_hmc", "unimo_deform", "segment",
+                             "volume_shapes", "reference_shape"}
         assert {nodes[name].n_procs for name in gpu_nodes} == {1}
-        assert nodes["segment"].n_procs == 2  # classical masks run on the CPU
 
 
 # --- memory ----------------------------------------------------------------------------------

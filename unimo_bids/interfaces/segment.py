@@ -21,10 +21,12 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..unimo.devices import fitting_chunk, run_with_memory_fallback
+from ..unimo.devices import fitting_chunk, is_cuda, run_with_memory_fallback
 from ..unimo.segment import brain_mask, reference_mask
+from ..unimo.segment_torch import brain_mask_torch
 from ..unimo.segnet import load_segmenter, segment_with_model
 from ..unimo.shape import signed_distance
+from ..unimo.shape_torch import signed_distance_torch
 from .unimo import use_gpu_trait
 
 
@@ -104,7 +106,9 @@ class _SegmentInputSpec(BaseInterfaceInputSpec):
                                       "instead of segmenting the reference")
     seg_model = File(exists=True, desc="trained segmenter (TorchScript, from "
                                        "unimo-bids-train-seg); default: classical masks")
-    device = traits.Str("cpu", usedefault=True, desc="torch device of the segmenter")
+    device = traits.Str("cpu", usedefault=True,
+                        desc="torch device of the segmenter, or of the classical masks when "
+                             "it is a CUDA device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     use_gpu = use_gpu_trait()
 
@@ -120,7 +124,9 @@ class Segment(SimpleInterface):
 
     Classical by default: robust histogram threshold, opening with an 8 mm ball (through the
     largest connected component), closing with a 4 mm ball and hole filling, per volume (see
-    :func:`unimo_bids.unimo.segment.brain_mask`). With ``seg_model``, a trained segmenter
+    :func:`unimo_bids.unimo.segment.brain_mask`; on a CUDA ``device`` the same masks are made
+    there, :func:`unimo_bids.unimo.segment_torch.brain_mask_torch`). With ``seg_model``, a
+    trained segmenter
     (:func:`unimo_bids.unimo.segnet.segment_with_model`). With ``ref_mask``, the reference's
     mask is the user's, checked (:func:`load_user_mask`). Voxel sizes come from the header.
     """
@@ -154,6 +160,18 @@ class Segment(SimpleInterface):
             masks, ref_mask = run_with_memory_fallback(
                 segment, self.inputs.device, fitting_chunk(self.inputs.device, img.shape, 4),
                 cpu_chunk_size=4)
+        elif is_cuda(self.inputs.device):
+            def segment(device, chunk):
+                masks = brain_mask_torch(torch.as_tensor(vols, device=device), _voxel_size(img),
+                                         chunk=chunk).cpu().numpy()
+                return masks, (user_mask if user_mask is not None else brain_mask_torch(
+                    torch.as_tensor(ref_data[None], device=device), _voxel_size(ref))[0]
+                    .cpu().numpy())
+
+            # About 8 float32 values per voxel: the volume, counts and int64 labels.
+            masks, ref_mask = run_with_memory_fallback(
+                segment, self.inputs.device,
+                fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=8))
         else:
             masks = brain_mask(vols, _voxel_size(img))
             ref_mask = (user_mask if user_mask is not None
@@ -170,6 +188,10 @@ class Segment(SimpleInterface):
 class _ShapeMapInputSpec(BaseInterfaceInputSpec):
     in_masks = File(exists=True, mandatory=True,
                     desc="3D or 4D mask (NIfTI); nonzero = inside")
+    device = traits.Str("cpu", usedefault=True,
+                        desc="torch device: on a CUDA device the maps are made there "
+                             "(unimo.shape_torch), elsewhere by scipy")
+    use_gpu = use_gpu_trait()
 
 
 class _ShapeMapOutputSpec(TraitedSpec):
@@ -182,7 +204,9 @@ class ShapeMap(SimpleInterface):
     """Signed Euclidean distance maps (mm) of masks, per volume.
 
     Negative inside, positive outside, about +-h/2 next to the boundary; an empty mask volume
-    reads + the field-of-view diagonal (see :func:`unimo_bids.unimo.shape.signed_distance`).
+    reads + the field-of-view diagonal (see :func:`unimo_bids.unimo.shape.signed_distance`;
+    on a CUDA ``device``, the same maps from
+    :func:`unimo_bids.unimo.shape_torch.signed_distance_torch`).
     """
 
     input_spec = _ShapeMapInputSpec
@@ -191,15 +215,25 @@ class ShapeMap(SimpleInterface):
     def _run_interface(self, runtime):
         img = nb.load(self.inputs.in_masks)
         masks = np.asarray(img.dataobj) != 0
-        if masks.ndim == 4:
-            dist = signed_distance(np.ascontiguousarray(np.moveaxis(masks, -1, 0)),
-                                   _voxel_size(img))
-            dist = np.moveaxis(dist, 0, -1)
-        elif masks.ndim == 3:
-            dist = signed_distance(masks, _voxel_size(img))
-        else:
+        if masks.ndim not in (3, 4):
             raise ValueError(f"{self.inputs.in_masks}: expected a 3D or 4D mask, got shape "
                              f"{masks.shape}")
+        volumes = (np.ascontiguousarray(np.moveaxis(masks, -1, 0)) if masks.ndim == 4
+                   else masks[None])
+        if is_cuda(self.inputs.device):
+            def distances(device, chunk):
+                return np.concatenate([
+                    signed_distance_torch(torch.as_tensor(volumes[start:start + chunk],
+                                                          device=device), _voxel_size(img))
+                    .cpu().numpy() for start in range(0, len(volumes), chunk)])
+
+            # The two nearest-voxel transforms hold about 32 float32 values per voxel.
+            dist = run_with_memory_fallback(
+                distances, self.inputs.device,
+                fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=32))
+        else:
+            dist = signed_distance(volumes, _voxel_size(img))
+        dist = np.moveaxis(dist, 0, -1) if masks.ndim == 4 else dist[0]
         self._results["out_file"] = _save_like(
             dist, img, np.float32, _out_path(self.inputs.in_masks, "_distmap", runtime.cwd))
         return runtime

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .geometry import mean_displacement, voxel_sizes, world_points
 from .hmc import HeadMotion, estimate_head_motion
 from .network import UniMoRigidNet
 from .resample import resample, voxel_map
-from .shape import dice, signed_distance
+from .shape import dice
+from .shape_torch import signed_distance_on, within_distance_on
 
 __all__ = ["TrackedMotion", "carry_mask", "dice", "track_moving_anatomy"]
 
@@ -88,18 +88,15 @@ def carry_mask(reference_mask: np.ndarray, affine, transforms: np.ndarray,
     return out
 
 
-def _near(segmented: np.ndarray, tracked: np.ndarray, sizes) -> np.ndarray:
+def _near(segmented: np.ndarray, tracked: np.ndarray, sizes, device="cpu") -> np.ndarray:
     """(T, X, Y, Z) segmentation kept within ``NEIGHBOURHOOD_MM`` of each tracked mask."""
-    out = np.empty_like(segmented)
-    for t in range(len(segmented)):
-        distance = ndimage.distance_transform_edt(~tracked[t], sampling=sizes)
-        out[t] = segmented[t] & (distance <= NEIGHBOURHOOD_MM)
-    return out
+    return segmented & within_distance_on(tracked, sizes, NEIGHBOURHOOD_MM, device)
 
 
-def _shape_maps(masks: np.ndarray, sizes) -> np.ndarray:
+def _shape_maps(masks: np.ndarray, sizes, device="cpu", chunk_size: int = 64) -> np.ndarray:
     """(T, X, Y, Z) masks -> (X, Y, Z, T) float32 signed distances (the engine's layout)."""
-    return np.ascontiguousarray(np.moveaxis(signed_distance(masks, sizes), 0, -1))
+    return np.ascontiguousarray(np.moveaxis(
+        signed_distance_on(masks, sizes, device, chunk_size), 0, -1))
 
 
 def plausible_masks(masks: np.ndarray, reference_mask: np.ndarray) -> np.ndarray:
@@ -145,12 +142,12 @@ def track_moving_anatomy(
         raise ValueError("the reference mask is empty")
     sizes = voxel_sizes(affine)
     points = world_points(reference_mask.shape, affine, reference_mask)
-    reference_shape = signed_distance(reference_mask, sizes)
+    reference_shape = signed_distance_on(reference_mask, sizes, device)
     n_vols = series.shape[-1]
 
     shapes = None
     if volume_masks is not None and plausible_masks(volume_masks, reference_mask).mean() >= 0.9:
-        shapes = _shape_maps(volume_masks, sizes)
+        shapes = _shape_maps(volume_masks, sizes, device, chunk_size)
     agreement = np.full(n_vols, np.nan)
     previous, change = None, float("nan")
     for round_index in range(1, max_rounds + 1):
@@ -166,11 +163,11 @@ def track_moving_anatomy(
             change = float(mean_displacement(previous, motion.transforms, points).mean())
         if volume_masks is None:
             break
-        near = _near(volume_masks, tracked, sizes)
+        near = _near(volume_masks, tracked, sizes, device)
         agreement = dice(near, tracked)
         if previous is not None and change < tolerance_mm:
             break
         agreeing = (agreement >= MIN_AGREEMENT)[:, None, None, None]
-        shapes = _shape_maps(np.where(agreeing, near, tracked), sizes)
+        shapes = _shape_maps(np.where(agreeing, near, tracked), sizes, device, chunk_size)
         previous = motion.transforms
     return TrackedMotion(motion.transforms, tracked, agreement, round_index, change, motion)

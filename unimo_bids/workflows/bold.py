@@ -255,10 +255,8 @@ volume ({ref}). {masks}{network}{refinement}
     # n_procs in GPU slots too), so that --gpu-procs N runs N of them at once.
     on_gpu = device.startswith("cuda")
     gpu_procs = 1 if on_gpu else omp_nthreads
-    segment_on_gpu = on_gpu and bool(seg_model)
-    segment = pe.Node(Segment(device=device, num_threads=omp_nthreads, use_gpu=segment_on_gpu),
-                      name="segment", mem_gb=3 * mem_gb,
-                      n_procs=1 if segment_on_gpu else omp_nthreads)
+    segment = pe.Node(Segment(device=device, num_threads=omp_nthreads, use_gpu=on_gpu),
+                      name="segment", mem_gb=3 * mem_gb, n_procs=gpu_procs)
     if ref_mask:
         segment.inputs.ref_mask = ref_mask
     if seg_model:
@@ -273,8 +271,10 @@ volume ({ref}). {masks}{network}{refinement}
     else:
         reference_mask = pe.Node(niu.IdentityInterface(fields=["out"]), name="reference_mask")
         mask_output = "out"
-    volume_shapes = pe.Node(ShapeMap(), name="volume_shapes", mem_gb=3 * mem_gb)
-    reference_shape = pe.Node(ShapeMap(), name="reference_shape", mem_gb=0.2)
+    volume_shapes = pe.Node(ShapeMap(device=device, use_gpu=on_gpu), name="volume_shapes",
+                            mem_gb=3 * mem_gb, n_procs=gpu_procs)
+    reference_shape = pe.Node(ShapeMap(device=device, use_gpu=on_gpu), name="reference_shape",
+                              mem_gb=0.2)
     unimo_rigid = pe.Node(
         UniMoRigid(device=device, num_threads=omp_nthreads, seed=seed, weights=weights,
                    refine=refine, moving_anatomy=moving_anatomy,
