@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ["NIPYPE_NO_ET"] = "1"
 # The default --template check runs only when its template is installed. Point TemplateFlow at
@@ -29,6 +30,17 @@ CONTRACT = [
     "stat-tsnr_desc-preproc_boldmap.nii.gz",
     "desc-qc_bold.json",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (small tensors; two test workers share two cores),
+    restored after it: later modules keep theirs. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,7 @@ from unimo_bids.unimo.shape import signed_distance
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (small tensors), restored after: later test modules keep theirs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def brain():
 
     img = load_mni152_template(resolution=2)
     return deform_net.volume_on_grid(np.asarray(img.get_fdata(), dtype=np.float32), img.affine,
-                                     spacing_mm=6.0)
+                                     spacing_mm=6.0)[:3]
 
 
 def _ball_distance(shape, center, radius, spacing):
@@ -140,7 +134,7 @@ def test_short_training_beats_the_identity():
 
     # A 7 mm grid (26x30x28): 50 steps took 37 s on 2 threads here (54 s at 6 mm).
     img = load_mni152_template(resolution=2)
-    volume, mask, spacing = deform_net.volume_on_grid(
+    volume, mask, spacing, _ = deform_net.volume_on_grid(
         np.asarray(img.get_fdata(), dtype=np.float32), img.affine, spacing_mm=7.0)
     torch.manual_seed(0)
     net = deform_net.VelocityUNet()
@@ -151,7 +145,7 @@ def test_short_training_beats_the_identity():
             net, volume, mask, spacing, steps=50, warmup=1.0, batch=4, pool_size=8, reuse=2,
             max_displacement_mm=(3.0, 6.0), learning_rate=3e-3, seed=0)
     finally:
-        torch.set_num_threads(1)  # the module's setting (fixture one_thread)
+        torch.set_num_threads(1)  # the module's setting (fixture one_torch_thread)
     elapsed = time.perf_counter() - started
     before, after = record.errors_mm[0][1], record.final_error_mm
     print(f"grid {tuple(volume.shape[2:])}, {len(record.losses)} steps "

@@ -255,8 +255,11 @@ def test_train_command_learns_from_images_resumes_and_refuses_bad_input(tmp_path
     folder.mkdir()
     nb.Nifti1Image(np.stack([small, small], -1), small_affine).to_filename(folder / "a.nii.gz")
     out = tmp_path / "net.pt"
+    # Without the deformation augmenter: 20 steps learn the motion of an undeformed head, and
+    # no more with it (measured: fused 53.4 -> 54.9 mm); test_alternating covers the augmenter.
     args = [str(out), "--images", str(folder), "--no-template", "--batch", "2",
-            "--keypoints", "4", "--learning-rate", "0.01", "--nthreads", "1", "--seed", "1"]
+            "--keypoints", "4", "--learning-rate", "0.01", "--nthreads", "1", "--seed", "1",
+            "--deformation-mm", "0"]
     assert train_main(args + ["--steps", "20", "--minutes", "10",
                               "--checkpoint-minutes", "0.02"]) == 0
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``unimo-bids-train``: train the UniMo rigid network (CPU or GPU) and write a checkpoint.
+"""``unimo-bids-train``: train the rigid network, the velocity predictor, or both, alternating.
 
 The anatomy is nilearn's MNI152 template and its grey/white-matter probability maps (shipped
 with nilearn, no download); every training sample is a new random contrast of it, so no scan
@@ -39,6 +39,12 @@ def mni_anatomy(resolution_mm: int = 2):
     return Anatomy(tissues, brain_probability.astype(np.float32), t1.affine)
 
 
+def repeatable_command(record: dict) -> str:
+    """The command of a training record as it would run today: runs made before the
+    deformation augmenter existed (no "deformation_mm" recorded) ran without it."""
+    return record["command"] + ("" if "deformation_mm" in record else " --deformation-mm 0")
+
+
 def model_card(summary: dict, checkpoint: str) -> str:
     """Markdown model card for a checkpoint from its training record."""
     from ..unimo.network import MAX_FUSION_ANGLE_DEG
@@ -48,11 +54,29 @@ def model_card(summary: dict, checkpoint: str) -> str:
     rows = "\n".join(f"| {name} | {before[name]:.2f} | {after[name]:.2f} |" for name in after)
     chain, previous = [], summary.get("continued_from")
     while previous:
-        chain.append(f"    {previous['command']}    # {previous['steps']} steps, "
+        chain.append(f"    {repeatable_command(previous)}    # {previous['steps']} steps, "
                      f"{previous['seconds'] / 60:.1f} min, {previous['date']}")
         previous = previous.get("continued_from")
     history = ("\nstarting from the checkpoint made by (most recent first):\n\n"
                + "\n".join(chain) + "\n") if chain else ""
+    deformation = summary.get("deformation_mm", 0.0)
+    deformed = (f"each volume deformed by its own smooth random field of up to {deformation:g} "
+                "mm (the geometric deformation augmenter), " if deformation else "")
+    rounds = summary.get("alternating")
+    alternated = (f" in {rounds['rounds']} round{'s' if rounds['rounds'] != 1 else ''}, each "
+                  f"followed by {rounds['deformable_steps']} "
+                  f"steps of the deformable predictor (`{rounds['velocity_output']}`) on pairs "
+                  "realigned by this network"
+                  + (" and the refinement" if rounds.get("realign") == "refined" else "")
+                  + " (alternating optimisation)" if rounds else "")
+    warmup = summary.get("supervised_warmup", 1.0)
+    supervised = ("log(1 + mean displacement error over brain points, mm) of each branch and of "
+                  "the fusion")
+    loss = (supervised + "." if warmup >= 1 else
+            f"for the first {100 * warmup:g} % of the steps {supervised}; then, without the "
+            "known transform, 1 - NCC of the images plus the shape maps' mean squared "
+            "difference after resampling through each estimate.")
+    note = f"\n{summary['note']}\n" if summary.get("note") else ""
     images = summary.get("images") or []
     scans = ("No scan from any dataset was used, so nothing here is tuned to a benchmark's "
              "images." if not images else
@@ -62,8 +86,8 @@ def model_card(summary: dict, checkpoint: str) -> str:
 Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
 ({summary["device"]}, torch {summary["torch_version"]}) by:
 
-    {summary["command"]}
-{history}
+    {repeatable_command(summary)}
+{note}{history}
 A `--minutes` budget stops at a step count that depends on the machine; to run the same \
 training elsewhere, give each command `--steps` with its step count here.
 
@@ -75,14 +99,14 @@ lambda = {summary["lambda"]:.3f} (0 = image branch, 1 = shape branch).
 - **Data:** {summary["anatomy"]}. Every sample is a new contrast (random tissue intensities, \
 gamma, bias field, noise, with or without the head around the brain), moved by a random rigid \
 transform (half uniform on SO(3), half up to 60 degrees; up to \
-{summary.get('max_translation_mm', 20.0):g} mm), a third cut by a static \
+{summary.get('max_translation_mm', 20.0):g} mm), {deformed}a third cut by a static \
 field-of-view plane (the image only); shape maps from masks thresholded at random levels, or \
 for a {summary.get('classical_masks', 0.0):g} share of the pairs from the app's classical \
 segmentation of each image. \
 {scans}
 - **Training:** {summary["steps"]} Adam steps of {summary["batch"]} pairs (learning rate \
-{summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes. \
-Loss: log(1 + mean displacement error over brain points, mm) of each branch and of the fusion.
+{summary["learning_rate"]}, seed {summary["seed"]}), {summary["seconds"] / 60:.1f} minutes\
+{alternated}. Loss: {loss}
 - **Validation** ({summary["validation_pairs"]} fixed synthetic pairs, rotations uniform on \
 SO(3); mean displacement error over the brain, mm):
 
@@ -98,19 +122,22 @@ volumes: docs/benchmarks.md.
 """
 
 
-def velocity_card(record, args, net, checkpoint: str, command: str, seconds: float) -> str:
+def velocity_card(record, args, net, checkpoint: str, command: str, seconds: float,
+                  alternated: str = "", continued_from: dict | None = None) -> str:
     """Markdown model card for a velocity predictor from its training record."""
     from ..unimo.deform_net import FORMAT
     from ..unimo.epdiff import DEFAULT_BAND
 
     validated = "\n".join(f"| {step} | {error:.3f} |" for step, error in record.errors_mm)
+    history = (f"\nstarting from the predictor made by:\n\n    {continued_from['command']}    "
+               f"# {continued_from['steps']} steps\n" if continued_from else "")
     return f"""# UniMo deformable predictor: `{Path(checkpoint).name}`
 
 Made with unimo-bids {__version__} on {datetime.date.today().isoformat()} ({args.device}, \
 torch {torch.__version__}) by:
 
     {command}
-
+{history}
 - **Architecture:** `unimo.deform_net.VelocityUNet` (format `{FORMAT}`), widths \
 {tuple(net.widths)}, {sum(p.numel() for p in net.parameters()):,} parameters. Input: the rigidly \
 aligned volume and the reference (unit median in the brain), their demons force channels, and \
@@ -124,7 +151,7 @@ level. No scan from any dataset was used.
 - **Training:** {len(record.losses)} Adam steps of {args.batch} pairs (learning rate \
 {args.learning_rate}, seed {args.seed}), {seconds / 60:.1f} minutes; the first \
 {record.supervised_steps} steps on the known velocity (mean squared error within 12 mm of the \
-brain), the rest on the image + shape + regulariser loss.
+brain), the rest on the image + shape + regulariser loss{alternated}.
 - **Validation:** {VALIDATION_PAIRS} held-out synthetic pairs (another seed); mean \
 displacement error in the brain (mm). The identity (no correction) scores \
 {record.zero_error_mm:.3f} mm.
@@ -149,7 +176,7 @@ def train_deformable(args, command: str) -> int:
     from ..unimo import deform_net
 
     template = datasets.load_mni152_template(resolution=2)
-    volume, mask, spacing = deform_net.volume_on_grid(
+    volume, mask, spacing, _ = deform_net.volume_on_grid(
         np.asarray(template.dataobj, dtype=np.float32), template.affine,
         spacing_mm=args.grid_mm)
     net = (deform_net.load_predictor(args.init) if args.init
@@ -182,12 +209,80 @@ def train_deformable(args, command: str) -> int:
     return 0
 
 
+def train_both(args, command: str, net, anatomies, finish) -> int:
+    """``--model both``: alternate the rigid network (``net``) and the velocity predictor;
+    write both, with their model cards, after every round."""
+    from nilearn import datasets
+
+    from ..unimo import deform_net
+    from ..unimo.alternating import DeformableVolume, train_alternating
+
+    template = datasets.load_mni152_template(resolution=2)
+    volume, mask, spacing, grid_affine = deform_net.volume_on_grid(
+        np.asarray(template.dataobj, dtype=np.float32), template.affine,
+        spacing_mm=args.grid_mm)
+    data = DeformableVolume(volume, mask, spacing, grid_affine)
+    continued_from = None
+    try:
+        velocity_net = (deform_net.load_predictor(args.init_deformable) if args.init_deformable
+                        else deform_net.VelocityUNet()).train()
+    except ValueError as err:
+        print(f"unimo-bids-train: error: {err}", file=sys.stderr)
+        return 2
+    if args.init_deformable:
+        notes = torch.load(args.init_deformable, weights_only=True)["notes"]
+        continued_from = {key: notes[key] for key in ("command", "steps") if key in notes}
+    velocity_output = args.velocity_output or str(
+        Path(args.output).with_name(Path(args.output).name.removesuffix(".pt") + "_velocity.pt"))
+    rigid_steps, deformable_steps = args.round_steps
+    schedule = {"rounds": args.rounds, "rigid_steps": rigid_steps,
+                "deformable_steps": deformable_steps,
+                "velocity_output": Path(velocity_output).name, "realign": args.realign}
+    started = datetime.datetime.now()
+    alternated = (f", in {args.rounds} rounds alternated with {rigid_steps} steps of the rigid "
+                  f"network (`{Path(args.output).name}`) each; the unsupervised steps see the "
+                  "moving volume moved by a random rigid motion (up to 20 degrees, 10 mm) and "
+                  + ("realigned by the app's rigid stage (that network's estimate, refined)"
+                     if args.realign == "refined" else
+                     "realigned by that network's fused estimate alone")
+                  + ", so the predictor learns what the rigid stage leaves")
+
+    def write(rounds_done, rigid_summary, record):
+        summary = finish(dict(rigid_summary, alternating=dict(schedule, rounds=rounds_done)))
+        Path(args.output).with_suffix(".md").write_text(model_card(summary, args.output))
+        tmp = velocity_output + ".part"
+        deform_net.save_predictor(velocity_net, tmp, {
+            "command": command, "steps": len(record.losses), "errors_mm": record.errors_mm,
+            "zero_error_mm": record.zero_error_mm, "rigid_network": Path(args.output).name,
+            "continued_from": continued_from})
+        os.replace(tmp, velocity_output)
+        seconds = (datetime.datetime.now() - started).total_seconds()
+        Path(velocity_output).with_suffix(".md").write_text(velocity_card(
+            record, args, velocity_net, velocity_output, command, seconds, alternated,
+            continued_from))
+        print(f"round {rounds_done}: wrote {args.output} and {velocity_output} with their model "
+              "cards", flush=True)
+
+    train_alternating(
+        net, velocity_net, anatomies, data, args.rounds, rigid_steps, deformable_steps,
+        batch=args.batch, deformable_batch=args.batch, learning_rate=args.learning_rate,
+        deformable_learning_rate=args.learning_rate, warmup=args.warmup, seed=args.seed,
+        max_translation_mm=args.max_translation, classical_masks=args.classical_masks,
+        deformation_mm=args.deformation_mm, max_displacement_mm=tuple(args.max_displacement),
+        after_round=write, validate_every=args.validate_every,
+        validation_pairs=args.validation_pairs, supervised_warmup=args.supervised_warmup,
+        refine=args.realign == "refined",
+        log=lambda text: print(text, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimo-bids-train", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="checkpoint to write (.pt)")
-    parser.add_argument("--model", choices=("rigid", "deformable"), default="rigid",
+    parser.add_argument("--model", choices=("rigid", "deformable", "both"), default="rigid",
                         help="rigid: the keypoint network; deformable: the velocity predictor "
-                             "of --deformable (default: rigid)")
+                             "of --deformable; both: the two, by alternating optimisation "
+                             "(default: rigid)")
     parser.add_argument("--preset", choices=("cpu", "cuda"), default="cpu",
                         help="working grid and network size (default: cpu)")
     parser.add_argument("--device", default="cpu", help="torch device to train on")
@@ -204,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "state); it may be the output itself")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
                         help="write the output every N minutes while training, so that an "
-                             "interrupted run can --resume (0: only at the end; default 10)")
+                             "interrupted run can --resume (0: only at the end; default 10; "
+                             "--model both writes after every round)")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="rigid model: also train on these NIfTI images or folders of them "
                              "(4D: their mean); each becomes intensity classes of random "
@@ -215,21 +311,49 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rigid model: leave out nilearn's MNI152 template")
     parser.add_argument("--max-translation", type=float, default=30.0, metavar="MM",
                         help="rigid model: translations up to this many mm per axis (default 30)")
+    parser.add_argument("--deformation-mm", type=float, default=3.0, metavar="MM",
+                        help="rigid model: the geometric deformation augmenter deforms each "
+                             "volume by up to this many mm besides its rigid motion (0: off; "
+                             "default 3)")
+    parser.add_argument("--validate-every", type=int, default=100, metavar="N",
+                        help="held-out validation every N steps (default 100)")
+    parser.add_argument("--supervised-warmup", type=float, default=1.0, metavar="SHARE",
+                        help="rigid model: share of the steps trained on the known transform; "
+                             "the rest on the image and shape alignment loss (1 - NCC, shape "
+                             "MSE), which needs no known transform (default 1: all supervised)")
+    parser.add_argument("--validation-pairs", type=int, default=32, metavar="N",
+                        help="rigid model: fixed synthetic pairs of the validation (default 32)")
     parser.add_argument("--classical-masks", type=float, default=0.5, metavar="SHARE",
                         help="rigid model: share of pairs whose shape maps come from the app's "
                              "classical segmentation of each image, not the anatomy's brain "
                              "mask (default 0.5)")
     parser.add_argument("--nthreads", type=int, default=0, help="torch CPU threads (0: all)")
-    deformable = parser.add_argument_group("deformable predictor (--model deformable)")
+    deformable = parser.add_argument_group("deformable predictor (--model deformable or both)")
     deformable.add_argument("--grid-mm", type=float, default=6.0,
                             help="training grid spacing: twice the working grid's (default 6)")
     deformable.add_argument("--warmup", type=float, default=0.5,
-                            help="share of the time trained on the known velocity (default 0.5)")
+                            help="share of the time trained on the known velocity (--model "
+                                 "both: of the first round's deformable steps; default 0.5)")
     deformable.add_argument("--max-displacement", type=float, nargs=2, default=(1.0, 6.0),
                             metavar=("LOW", "HIGH"),
                             help="largest displacement of each pair, drawn in [LOW, HIGH] mm")
-    deformable.add_argument("--validate-every", type=int, default=100,
-                            help="held-out validation every N steps (default 100)")
+    both = parser.add_argument_group(
+        "alternating optimisation (--model both): rounds of rigid steps, then deformable steps "
+        "on the rigid network's realignments; OUTPUT is the rigid network")
+    both.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+    both.add_argument("--round-steps", type=int, nargs=2, default=(100, 100),
+                      metavar=("RIGID", "DEFORMABLE"),
+                      help="Adam steps of each stage per round (default 100 100)")
+    both.add_argument("--velocity-output", metavar="PATH",
+                      help="the velocity predictor to write (default: OUTPUT's name with "
+                           "_velocity.pt)")
+    both.add_argument("--realign", choices=("refined", "network"), default="refined",
+                      help="what realigns the deformable stage's pairs: the app's rigid stage "
+                           "(network and refinement, as unimo-bids runs; default) or the "
+                           "network alone (the paper's pipeline, as --no-refine)")
+    both.add_argument("--init-deformable", metavar="PATH",
+                      help="start the velocity predictor from this file (e.g. the packaged "
+                           "one) instead of random weights")
     return parser
 
 
@@ -288,6 +412,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.model == "both":
+        if args.resume:
+            parser.error("--resume continues a rigid run; to continue --model both, give "
+                         "--init and --init-deformable")
+        if args.rounds < 1 or min(args.round_steps) < 1:
+            parser.error("--rounds and --round-steps must be at least 1")
     if args.nthreads > 0:
         torch.set_num_threads(args.nthreads)
     torch.manual_seed(args.seed)
@@ -340,12 +470,17 @@ def main(argv=None) -> int:
         finish(summary)
         print(f"checkpoint: {args.output} after {summary['steps']} steps", flush=True)
 
+    if args.model == "both":
+        return train_both(args, command, net, anatomies, finish)
     summary = train(net, anatomies, args.minutes, batch=args.batch,
                     learning_rate=args.learning_rate, seed=args.seed,
                     max_translation_mm=args.max_translation,
                     classical_masks=args.classical_masks, optimizer_state=optimizer_state,
                     checkpoint=checkpoint, checkpoint_minutes=args.checkpoint_minutes,
-                    max_steps=args.steps)
+                    max_steps=args.steps, deformation_mm=args.deformation_mm,
+                    validate_every=args.validate_every,
+                    validation_pairs=args.validation_pairs,
+                    supervised_warmup=args.supervised_warmup)
     summary = finish(summary)
     card = Path(args.output).with_suffix(".md")
     card.write_text(model_card(summary, args.output))

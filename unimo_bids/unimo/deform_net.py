@@ -377,7 +377,7 @@ def volume_on_grid(data: np.ndarray, affine, spacing_mm: float = 4.0, margin_mm:
 
     data: (X, Y, Z) intensities on ``affine``; mask: its brain mask, or None for
     fill_holes(data > 0.25 max). Returns (volume (1, 1, X', Y', Z') float32 unit median in the
-    mask, mask (1, 1, X', Y', Z') bool, spacing (3,) mm).
+    mask, mask (1, 1, X', Y', Z') bool, spacing (3,) mm, grid affine (4, 4)).
     """
     data = np.asarray(data, dtype=np.float32)
     if mask is None:
@@ -386,7 +386,7 @@ def volume_on_grid(data: np.ndarray, affine, spacing_mm: float = 4.0, margin_mm:
                                                margin_mm)
     volume, grid_mask = reference_on_grid(data, affine, mask, grid_affine, grid_shape)
     spacing = tuple(float(abs(grid_affine[i, i])) for i in range(3))
-    return volume, grid_mask[None, None], spacing
+    return volume, grid_mask[None, None], spacing, grid_affine
 
 
 @dataclass
@@ -491,7 +491,8 @@ class TrainingRecord:
     losses: the optimised loss per step; supervised_steps: how many came first with the
     supervised loss; zero_error_mm: held-out mean |u_true| in the mask (the error of the
     identity); errors_mm: (step, held-out mean displacement error in mm) after those steps,
-    step 0 before training; seconds: wall time of the steps (validation excluded).
+    step 0 before training; seconds: wall time of the steps (validation excluded);
+    optimiser_state: the Adam state at the end.
     """
 
     losses: list = field(default_factory=list)
@@ -499,6 +500,7 @@ class TrainingRecord:
     zero_error_mm: float = float("nan")
     errors_mm: list = field(default_factory=list)
     seconds: float = 0.0
+    optimiser_state: dict | None = None
 
     @property
     def final_error_mm(self) -> float:
@@ -526,7 +528,9 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
                              warmup: float = 0.5, sigma: float = epdiff.DEFAULT_SIGMA,
                              max_displacement_mm=(1.0, 6.0), band=epdiff.DEFAULT_BAND,
                              validation_size: int = 4, validate_every: int = 0, seed: int = 0,
-                             pool_size: int = 8, reuse: int = 4, log=None) -> TrainingRecord:
+                             pool_size: int = 8, reuse: int = 4, log=None, realign=None,
+                             optimiser_state: dict | None = None,
+                             held_out_seed: int | None = None) -> TrainingRecord:
     """Train ``net`` in place on synthetic pairs of ``template``; returns a TrainingRecord.
 
     template, mask: (1, 1, X, Y, Z) (:func:`volume_on_grid`); spacing (3,) mm. Runs
@@ -539,12 +543,18 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
     Pairs are drawn ``pool_size`` at a time (one batched ``synthetic_pairs`` call; making a pair
     costs about as much as a training step on a CPU, mostly ``random_velocity``'s shooting) and
     each pool serves ``reuse`` passes in random batches of ``batch``.
+    realign(pairs, generator) -> pairs: applied to each unsupervised batch before the step
+    (``alternating.realign_by_network``: the rigid stage's residual on top of the deformation);
+    the supervised warm-up and the held-out pairs (seed ``held_out_seed``, default seed + 1)
+    stay pure deformations. optimiser_state: an Adam state to continue from; the record keeps
+    the final one (``record.optimiser_state``).
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
     generator = torch.Generator().manual_seed(int(seed))
+    held_out_seed = int(seed) + 1 if held_out_seed is None else int(held_out_seed)
     held_out = synthetic_pairs(template, mask, spacing, validation_size,
-                               torch.Generator().manual_seed(int(seed) + 1),
+                               torch.Generator().manual_seed(held_out_seed),
                                max_displacement_mm, band)
     near = near_brain(mask, spacing)
     record = TrainingRecord()
@@ -552,6 +562,8 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
                                  .flatten(1)[:, mask.flatten()].mean())
     record.errors_mm.append((0, _validate(net, held_out, spacing, band)))
     optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    if optimiser_state:
+        optimiser.load_state_dict(optimiser_state)
     budget = None if minutes is None else 60.0 * float(minutes)
     started = time.perf_counter()
     step = 0
@@ -574,6 +586,8 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
                 order = torch.randperm(pool_size, generator=generator)
                 queue.extend(order[i:i + batch] for i in range(0, pool_size - batch + 1, batch))
         pairs = _select(pool, queue.pop(0))
+        if realign is not None and not supervised:
+            pairs = realign(pairs, generator)
         net.train()
         v = predict_velocity(net, pairs.moving, pairs.fixed, pairs.moving_shape,
                              pairs.fixed_shape, band)
@@ -598,6 +612,7 @@ def train_velocity_predictor(net: VelocityUNet, template: torch.Tensor, mask: to
             record.errors_mm.append((step, _validate(net, held_out, spacing, band)))
             started += time.perf_counter() - pause  # validation does not eat the budget
     record.seconds = time.perf_counter() - started
+    record.optimiser_state = optimiser.state_dict()
     net.eval()
     if record.errors_mm[-1][0] != step:
         record.errors_mm.append((step, _validate(net, held_out, spacing, band)))

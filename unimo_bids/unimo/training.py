@@ -4,12 +4,16 @@ The network must work on modalities it never saw, so it never sees one twice: ev
 new contrast drawn from tissue probability maps (random intensity per tissue, random gamma, a
 smooth multiplicative bias field, noise, sometimes no head around the brain), moved by a random
 rigid transform (half of them uniform on SO(3), the rest up to 60 degrees; translations up to
-20 mm), sometimes cut by a field-of-view plane that stays put while the head moves. The shape
+20 mm), sometimes cut by a field-of-view plane that stays put while the head moves, and (the
+geometric deformation augmenter, ``random_deformations``) deformed by a smooth random field of a
+few mm, so the rigid estimate learns to see past local deformation. The shape
 branch sees signed distance maps of masks thresholded at random levels, so the reference and
 the moving volume never have quite the same segmentation.
 
 The loss is the mean displacement error over brain points (mm) of each branch's estimate and of
-their fusion, log-compressed so that whole-turn errors early on do not swamp the gradient.
+their fusion, log-compressed so that whole-turn errors early on do not swamp the gradient; after
+an optional supervised warm-up it can be the unsupervised image and shape alignment of
+``alignment_loss`` instead (1 - NCC of the images, MSE of the shape maps).
 
 Pure torch and numpy: the caller (``unimo_bids.cli.train``) loads the anatomy.
 """
@@ -27,13 +31,14 @@ from scipy import ndimage
 
 from .geometry import centroids, homogeneous, rigid_inverse, voxel_sizes, world_points
 from .keypoints import shape_input, to_working_grid
-from .resample import band_limit_sigma, gaussian_blur
+from .resample import band_limit_sigma, gaussian_blur, resample, voxel_map
 from .network import RigidEstimates, UniMoRigidNet, network_estimates, translations
+from .epdiff import warp
 from .segment import brain_mask
 from .shape import signed_distance
 
-__all__ = ["Anatomy", "anatomy_from_image", "sample_pairs", "displacement_error", "evaluate",
-           "train"]
+__all__ = ["Anatomy", "alignment_loss", "anatomy_from_image", "random_deformations",
+           "sample_pairs", "displacement_error", "evaluate", "train"]
 
 
 @dataclass
@@ -140,15 +145,36 @@ def _field_of_view(grid_affine, grid_shape, offsets, normals, distances, center)
     return (signed <= distances[:, None, None, None]).to(torch.float32)[:, None]
 
 
+def random_deformations(batch: int, grid_shape, max_displacement_mm: float,
+                        g: torch.Generator, lattice: int = 5) -> torch.Tensor:
+    """(B, 3, X, Y, Z) float32 smooth random pull-back displacements (mm): the geometric
+    deformation augmenter.
+
+    Gaussian displacements on a ``lattice``^3 control grid spanning the volume, upsampled
+    trilinearly, each item scaled so that its largest displacement is uniform in
+    [0, max_displacement_mm]. With control points a fifth of the field of view apart and a few mm
+    of displacement, the Jacobian stays near 1: a local, invertible deformation (brain pulsation,
+    susceptibility distortion, a fetus bending) on top of the rigid motion.
+    """
+    coarse = torch.randn(batch, 3, lattice, lattice, lattice, generator=g)
+    field = torch.nn.functional.interpolate(coarse, size=tuple(grid_shape), mode="trilinear",
+                                            align_corners=True)
+    largest = field.norm(dim=1).flatten(1).amax(1).clamp_min(1e-6)
+    size = torch.rand(batch, generator=g) * float(max_displacement_mm)
+    return field * (size / largest).view(-1, 1, 1, 1, 1)
+
+
 def sample_pairs(anatomy: Anatomy, grid_affine, grid_shape, batch: int, g: torch.Generator,
                  any_rotation: float = 0.5, max_translation_mm: float = 20.0,
                  center_jitter_mm: float = 3.0, noise: float = 0.05,
-                 classical_masks: float = 0.0):
+                 classical_masks: float = 0.0, deformation_mm: float = 0.0):
     """B synthetic (reference, moved volume) pairs on the working grid.
 
     The shape maps come from the anatomy's brain masks (thresholded at random levels), or, for
     a ``classical_masks`` share of the pairs, from ``segment.brain_mask`` of each image, as the
-    app segments real volumes.
+    app segments real volumes. With ``deformation_mm`` > 0 each volume (image and shape map) is
+    also deformed by its own ``random_deformations`` field of up to that many mm: the rigid
+    truth stays the anatomy's motion, so the network learns to see past local deformation.
 
     Returns a dict of tensors: fixed_image, moving_image, fixed_shape, moving_shape
     (B, 1, N, N, N); fixed_offsets, moving_offsets (B, 3) (each grid's world shift, as at
@@ -173,6 +199,13 @@ def sample_pairs(anatomy: Anatomy, grid_affine, grid_shape, batch: int, g: torch
                                   antialias=False)
     moving_image = to_working_grid(image, anatomy.affine, grid_affine, grid_shape, moving_tx,
                                    antialias=False)
+    fields = (None, None)
+    if deformation_mm > 0:
+        spacings = voxel_sizes(grid_affine)
+        fields = tuple(random_deformations(batch, grid_shape, deformation_mm, g)
+                       for _ in range(2))
+        fixed_image = warp(fixed_image, fields[0], spacings)
+        moving_image = warp(moving_image, fields[1], spacings)
 
     # A static field-of-view plane in world space for a third of the pairs.
     cut = torch.rand(batch, generator=g) < 0.33
@@ -197,6 +230,9 @@ def sample_pairs(anatomy: Anatomy, grid_affine, grid_shape, batch: int, g: torch
     moving_shape = shape_input(to_working_grid(
         anatomy.distance_maps[pick_m], anatomy.affine, grid_affine, grid_shape, moving_tx,
         antialias=False, padding_mode="border"))
+    if fields[0] is not None:
+        fixed_shape = warp(fixed_shape, fields[0], spacings)
+        moving_shape = warp(moving_shape, fields[1], spacings)
     # For some pairs, the masks the app makes: its classical segmentation of each image, which
     # on real scans may take in the whole head, miss part of the brain, or follow a field-of-view
     # cut. The shape branch and the fusion weight must learn what such masks are worth.
@@ -219,6 +255,35 @@ def displacement_error(estimate: torch.Tensor, truth: torch.Tensor,
     diff = estimate - truth
     moved = points @ diff[:, :3, :3].transpose(1, 2) + diff[:, None, :3, 3]
     return moved.norm(dim=-1).mean(-1)
+
+
+def alignment_loss(estimate: torch.Tensor, pairs: dict, grid_affine,
+                   near_brain_mm: float = 10.0, clip_mm: float = 20.0) -> torch.Tensor:
+    """(B,) unsupervised loss of (B, 4, 4) estimates (reference world -> volume world): the
+    moved volume's image and shape input resampled through each estimate onto the reference's
+    grid; 1 - NCC of the images within ``near_brain_mm`` of the reference brain, plus the mean
+    squared difference of the shape inputs / clip^2. Differentiable in the estimate; needs no
+    known transform (the paper's image and shape alignment losses)."""
+    affine = torch.as_tensor(np.asarray(grid_affine, dtype=float), dtype=torch.float64)
+    fixed_affine = translations(pairs["fixed_offsets"]) @ affine
+    moving_affine = translations(pairs["moving_offsets"]) @ affine
+    maps = voxel_map(estimate, moving_affine, fixed_affine)
+    grid_shape = tuple(pairs["fixed_image"].shape[2:])
+    moved = torch.cat([pairs["moving_image"], pairs["moving_shape"]], 1)
+    warped = resample(moved, maps, grid_shape)
+    image, shape = warped[:, :1], warped[:, 1:]
+    weight = (pairs["fixed_shape"] > clip_mm - near_brain_mm).to(image.dtype)
+    total = weight.flatten(1).sum(1).clamp_min(1.0)
+
+    def centred(x):
+        mean = (x * weight).flatten(1).sum(1) / total
+        return (x - mean.view(-1, 1, 1, 1, 1)) * weight
+
+    a, b = centred(image), centred(pairs["fixed_image"])
+    ncc = (a * b).flatten(1).sum(1) / ((a * a).flatten(1).sum(1)
+                                       * (b * b).flatten(1).sum(1)).sqrt().clamp_min(1e-12)
+    shape_error = ((shape - pairs["fixed_shape"]) ** 2).flatten(1).mean(1) / clip_mm ** 2
+    return 1.0 - ncc + shape_error
 
 
 def _estimates(net, pairs, grid_affine, center) -> RigidEstimates:
@@ -250,7 +315,9 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
           max_translation_mm: float = 30.0, classical_masks: float = 0.5,
           optimizer_state: dict | None = None,
           checkpoint=None, checkpoint_minutes: float = 0.0, log=print,
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, deformation_mm: float = 0.0,
+          validate_every: int = 0, validation_seed: int | None = None,
+          supervised_warmup: float = 1.0) -> dict:
     """Train ``net`` in place for ``minutes`` of wall time (CPU or the net's device), or
     ``max_steps`` steps if that comes first (a fixed step count gives the same weights on any
     machine, with the same seed).
@@ -258,7 +325,13 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
     anatomies: one :class:`Anatomy` or a list; each step draws its batch from one of them at
     random, and validation pairs (rotations uniform on SO(3)) come from each in turn.
     classical_masks: share of pairs whose shape maps come from the app's classical
-    segmentation of each image (``sample_pairs``).
+    segmentation of each image (``sample_pairs``). deformation_mm: the geometric deformation
+    augmenter's largest displacement, in training and validation pairs (``sample_pairs``).
+    validate_every: log the validation error every N steps (0: only before and after).
+    validation_seed: seed of the validation pairs (default seed + 10000).
+    supervised_warmup: share of the steps (of ``max_steps``, else of the time) trained on the
+    known transform (the displacement error); the rest on ``alignment_loss`` (image and shape
+    alignment, no known transform). 1 (default): every step supervised.
     optimizer_state: an Adam state to resume from (``summary["optimizer_state"]`` of an earlier
     run). checkpoint(summary): called every ``checkpoint_minutes`` (> 0) with the summary so
     far (its "validation_any_rotation_mm_after" None: not measured yet), so that a long run can
@@ -270,7 +343,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         anatomies = [anatomies]
     g = torch.Generator().manual_seed(seed)
     grids = [net.grid(a.brain.shape, a.affine, a.brain > 0.5) for a in anatomies]
-    val_g = torch.Generator().manual_seed(seed + 10_000)
+    val_g = torch.Generator().manual_seed(seed + 10_000 if validation_seed is None
+                                          else validation_seed)
     validation = []
     for index in range(max(1, validation_pairs // batch)):
         anatomy = anatomies[index % len(anatomies)]
@@ -278,7 +352,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         validation.append((anatomy, grid_affine,
                            sample_pairs(anatomy, grid_affine, grid_shape, batch, val_g,
                                         any_rotation=1.0, max_translation_mm=max_translation_mm,
-                                        classical_masks=classical_masks)))
+                                        classical_masks=classical_masks,
+                                        deformation_mm=deformation_mm)))
     before = evaluate(net.eval(), validation)
     log(f"validation before: {_fmt(before)}")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
@@ -292,7 +367,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "batch": batch,
                 "validation_pairs": len(validation) * batch, "learning_rate": learning_rate,
                 "seed": seed, "max_translation_mm": max_translation_mm,
-                "classical_masks": classical_masks,
+                "classical_masks": classical_masks, "deformation_mm": deformation_mm,
+                "supervised_warmup": supervised_warmup,
                 "validation_any_rotation_mm_before": before,
                 "validation_any_rotation_mm_after": after,
                 "lambda": float(net.lam.detach()), "optimizer_state": optimizer.state_dict()}
@@ -304,10 +380,16 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         anatomy, (grid_affine, grid_shape) = anatomies[pick], grids[pick]
         pairs = sample_pairs(anatomy, grid_affine, grid_shape, batch, g,
                              max_translation_mm=max_translation_mm,
-                             classical_masks=classical_masks)
-        errors = _errors(_estimates(net, pairs, grid_affine, anatomy.center), pairs["truth"],
-                         anatomy.points)
-        loss = sum(torch.log1p(e).mean() for e in errors.values())
+                             classical_masks=classical_masks, deformation_mm=deformation_mm)
+        estimates = _estimates(net, pairs, grid_affine, anatomy.center)
+        errors = _errors(estimates, pairs["truth"], anatomy.points)
+        progress = (steps / max_steps if max_steps is not None
+                    else (time.monotonic() - start) / max(minutes * 60.0, 1e-9))
+        if progress < supervised_warmup:
+            loss = sum(torch.log1p(e).mean() for e in errors.values())
+        else:
+            loss = sum(alignment_loss(getattr(estimates, name), pairs, grid_affine).mean()
+                       for name in ("image", "shape", "fused"))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -319,6 +401,9 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
             log(f"step {steps}: loss {float(loss.detach()):.3f}, fused error {running:.2f} mm "
                 f"(running mean), lambda {float(net.lam.detach()):.3f}, "
                 f"{time.monotonic() - start:.0f} s")
+        if validate_every and steps % validate_every == 0:
+            log(f"validation after {steps} steps: {_fmt(evaluate(net.eval(), validation))}")
+            net.train()
         if (checkpoint is not None and checkpoint_minutes > 0
                 and time.monotonic() - last_checkpoint >= 60.0 * checkpoint_minutes):
             checkpoint(summary())
