@@ -140,3 +140,23 @@ def test_segment_and_shape_interfaces_make_the_same_outputs_on_a_gpu(tmp_path):
         maps[device] = np.asarray(nb.load(shapes.outputs.out_file).dataobj)
     np.testing.assert_array_equal(masks["cpu"], masks["cuda"])
     np.testing.assert_allclose(maps["cpu"], maps["cuda"], atol=1e-4)
+
+
+def test_nearest_voxel_distances_are_scipys_euclidean_distances():
+    """The transform behind the maps (and the tracking's neighbourhood on a GPU): squared
+    distances to the nearest target voxel, anisotropic voxels, volumes without a target."""
+    from unimo_bids.unimo.shape_torch import nearest_voxel, within_distance_on
+
+    rng = np.random.default_rng(3)
+    targets = rng.random((3, 17, 12, 9)) > 0.97
+    targets[2] = False
+    voxel_size = (1.5, 2.0, 3.5)
+    squared, nearest = nearest_voxel(torch.as_tensor(targets), voxel_size)
+    for t in range(2):
+        expected = ndi.distance_transform_edt(~targets[t], sampling=voxel_size)
+        np.testing.assert_allclose(np.sqrt(squared[t].numpy()), expected, atol=1e-6)
+        assert targets[t][tuple(nearest[:, t].reshape(3, -1).numpy())].all()
+    assert torch.isinf(squared[2]).all()
+    near = within_distance_on(targets, voxel_size, 4.0)  # the scipy path
+    np.testing.assert_array_equal(near[:2], squared[:2].numpy() <= 16.0)
+    assert not near[2].any()

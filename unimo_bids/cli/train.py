@@ -186,7 +186,8 @@ def train_deformable(args, command: str) -> int:
     def log(step, values):
         if step % 25 == 0:
             elapsed = (datetime.datetime.now() - started).total_seconds()
-            print(f"step {step}  loss {values['loss']:.4f}  "
+            of = f"/{args.steps}" if args.steps else ""
+            print(f"step {step}{of}  loss {values['loss']:.4f}  "
                   f"{'supervised' if values['supervised'] else 'image+shape'}  "
                   f"{elapsed / 60:.1f} min", flush=True)
 

@@ -398,7 +398,8 @@ def train(net: UniMoRigidNet, anatomies, minutes: float, batch: int = 4,
         value = float(errors["fused"].detach().mean())
         running = value if running is None else 0.98 * running + 0.02 * value
         if steps % 25 == 0:
-            log(f"step {steps}: loss {float(loss.detach()):.3f}, fused error {running:.2f} mm "
+            of = f"/{max_steps} ({100 * steps / max_steps:.0f} %)" if max_steps else ""
+            log(f"step {steps}{of}: loss {float(loss.detach()):.3f}, fused error {running:.2f} mm "
                 f"(running mean), lambda {float(net.lam.detach()):.3f}, "
                 f"{time.monotonic() - start:.0f} s")
         if validate_every and steps % validate_every == 0:
