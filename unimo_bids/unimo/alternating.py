@@ -156,11 +156,10 @@ def train_alternating(rigid_net: UniMoRigidNet, velocity_net: deform_net.Velocit
     a rigid residual); 0 for a predictor that has been trained before. validate_every: also
     validate every N steps within a stage; validation_pairs: the rigid validation's size;
     supervised_warmup: share of each round's rigid steps on the known transform (the rest on
-    the alignment loss, ``training.train``).
-    Both stages validate on the same held-out pairs in
-    every round. refine: the deformable pairs are realigned by the app's rigid stage (network
-    and refinement, as ``unimo-bids --deformable`` runs by default); False: by the network's
-    estimate alone (the paper's pipeline, ``--no-refine``).
+    the alignment loss, ``training.train``). Both stages validate on the same held-out pairs
+    in every round. refine: the deformable pairs are realigned by the app's rigid stage
+    (network and refinement, as ``unimo-bids --deformable`` runs by default); False: by the
+    network's estimate alone (the paper's pipeline, ``--no-refine``).
     after_round(rounds_done, rigid_summary, record): called after each round (to write
     checkpoints), with the running totals as returned.
     Returns (rigid summary, deformable record): the rigid summary as ``training.train``'s, over

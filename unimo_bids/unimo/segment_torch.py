@@ -212,7 +212,7 @@ def _fill_holes_in_slices(masks: torch.Tensor, plane_axis: int) -> torch.Tensor:
     for axis in in_plane:
         edges.narrow(axis, 0, 1).fill_(True)
         edges.narrow(axis, masks.shape[axis] - 1, 1).fill_(True)
-    outside = _spread_within((edges & background).to(torch.uint8), background, in_plane)
+    outside = _spread_within((edges & background).to(torch.int32), background, in_plane)
     return ~outside.bool()
 
 
