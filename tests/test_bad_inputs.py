@@ -392,7 +392,7 @@ def test_interrupted_run_stops_cleanly(small_dataset, tmp_path, signal_name):
         os.kill(job.pid, number)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr.splitlines()[-1]
+    assert "interrupted" in stderr.splitlines()[-1], stderr[-3000:]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     written = [p for p in out.rglob("*_desc-preproc_bold.nii.gz")]
     for path in written:  # a series is complete or absent
@@ -428,3 +428,33 @@ def test_dataset_reached_through_a_symlink_is_processed(small_dataset, tmp_path,
                      "--nprocs", "1")
     assert code == 0, err[-2000:]
     assert (tmp_path / "out" / FUNC / "sub-01_task-a_desc-preproc_bold.nii.gz").is_file()
+
+
+def test_after_an_interruption_only_closed_pipe_errors_of_threads_are_dropped():
+    """The dying worker pool's threads may hit closed pipes (EBADF) as the interpreter exits;
+    their tracebacks would follow the 'interrupted' line. Other thread errors still reach the
+    hook that was there before."""
+    import errno
+    import threading
+
+    from unimo_bids.cli import run
+
+    hooks = threading.excepthook, sys.unraisablehook
+    seen = []
+    try:
+        threading.excepthook = lambda args: seen.append(args.exc_value)
+        run._quiet_dying_pool()
+
+        def closed_pipe():
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+        def other():
+            raise ValueError("a real error")
+
+        for target in (closed_pipe, other):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+    assert [type(error) for error in seen] == [ValueError]
