@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import os
@@ -492,31 +491,9 @@ def _interrupt_on_signals() -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def _closed_pipe(error) -> bool:
-    return isinstance(error, OSError) and error.errno == errno.EBADF
-
-
-def _quiet_dying_pool() -> None:
-    """After an interruption the worker pool's threads may still touch pipes that are already
-    closed (EBADF) while the interpreter exits; their tracebacks would come after the message
-    that says the run was interrupted. Drop those, and only those."""
-    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
-
-    def on_thread_error(args):
-        if not _closed_pipe(args.exc_value):
-            thread_hook(args)
-
-    def on_unraisable(args):
-        if not _closed_pipe(args.exc_value):
-            unraisable_hook(args)
-
-    threading.excepthook, sys.unraisablehook = on_thread_error, on_unraisable
-
-
 def _interrupted() -> int:
     # The dying worker pool reports its broken futures; the line below says it all.
     logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)
-    _quiet_dying_pool()
     print("unimo-bids: interrupted; finished outputs are complete, unfinished ones were not "
           "written", file=sys.stderr)
     return 130
