@@ -169,16 +169,33 @@ deformations of a few mm; measured on real volumes in docs/benchmarks.md.
 VALIDATION_PAIRS = 8
 
 
-def train_deformable(args, command: str) -> int:
-    """``--model deformable``: train the velocity predictor and write it with its model card."""
+def template_on_grid(grid_mm: float):
+    """nilearn's MNI152 T1 template (2 mm) on the velocity predictor's training grid:
+    ``deform_net.volume_on_grid``'s (volume, mask, spacing, grid affine)."""
     from nilearn import datasets
 
     from ..unimo import deform_net
 
     template = datasets.load_mni152_template(resolution=2)
-    volume, mask, spacing, _ = deform_net.volume_on_grid(
-        np.asarray(template.dataobj, dtype=np.float32), template.affine,
-        spacing_mm=args.grid_mm)
+    return deform_net.volume_on_grid(np.asarray(template.dataobj, dtype=np.float32),
+                                     template.affine, spacing_mm=grid_mm)
+
+
+def write_predictor(net, path: str, notes: dict, card: str) -> None:
+    """The velocity predictor (through a .part file, so an interrupted write leaves no broken
+    file) and its model card beside it."""
+    from ..unimo import deform_net
+
+    deform_net.save_predictor(net, path + ".part", notes)
+    os.replace(path + ".part", path)
+    Path(path).with_suffix(".md").write_text(card)
+
+
+def train_deformable(args, command: str) -> int:
+    """``--model deformable``: train the velocity predictor and write it with its model card."""
+    from ..unimo import deform_net
+
+    volume, mask, spacing, _ = template_on_grid(args.grid_mm)
     net = (deform_net.load_predictor(args.init) if args.init
            else deform_net.VelocityUNet()).train()
     started = datetime.datetime.now()
@@ -199,30 +216,22 @@ def train_deformable(args, command: str) -> int:
     seconds = (datetime.datetime.now() - started).total_seconds()
     print(f"held-out error: identity {record.zero_error_mm:.3f} mm, "
           f"untrained {record.errors_mm[0][1]:.3f} mm, trained {record.final_error_mm:.3f} mm")
-    tmp = args.output + ".part"
-    deform_net.save_predictor(net, tmp, {"command": command, "steps": len(record.losses),
-                                         "errors_mm": record.errors_mm,
-                                         "zero_error_mm": record.zero_error_mm})
-    os.replace(tmp, args.output)
-    card = Path(args.output).with_suffix(".md")
-    card.write_text(velocity_card(record, args, net, args.output, command, seconds))
-    print(f"wrote {args.output} and its model card {card}")
+    write_predictor(net, args.output, {"command": command, "steps": len(record.losses),
+                                       "errors_mm": record.errors_mm,
+                                       "zero_error_mm": record.zero_error_mm},
+                    velocity_card(record, args, net, args.output, command, seconds))
+    print(f"wrote {args.output} and its model card {Path(args.output).with_suffix('.md')}")
     return 0
 
 
 def train_both(args, command: str, net, anatomies, finish) -> int:
     """``--model both``: alternate the rigid network (``net``) and the velocity predictor;
     write both, with their model cards, after every round."""
-    from nilearn import datasets
-
     from ..unimo import deform_net
-    from ..unimo.alternating import DeformableVolume, train_alternating
+    from ..unimo.alternating import (REALIGN_MAX_ROTATION_DEG, REALIGN_MAX_TRANSLATION_MM,
+                                     DeformableVolume, train_alternating)
 
-    template = datasets.load_mni152_template(resolution=2)
-    volume, mask, spacing, grid_affine = deform_net.volume_on_grid(
-        np.asarray(template.dataobj, dtype=np.float32), template.affine,
-        spacing_mm=args.grid_mm)
-    data = DeformableVolume(volume, mask, spacing, grid_affine)
+    data = DeformableVolume(*template_on_grid(args.grid_mm))
     continued_from = None
     try:
         velocity_net = (deform_net.load_predictor(args.init_deformable) if args.init_deformable
@@ -242,7 +251,8 @@ def train_both(args, command: str, net, anatomies, finish) -> int:
     started = datetime.datetime.now()
     alternated = (f", in {args.rounds} rounds alternated with {rigid_steps} steps of the rigid "
                   f"network (`{Path(args.output).name}`) each; the unsupervised steps see the "
-                  "moving volume moved by a random rigid motion (up to 20 degrees, 10 mm) and "
+                  f"moving volume moved by a random rigid motion (up to "
+                  f"{REALIGN_MAX_ROTATION_DEG:g} degrees, {REALIGN_MAX_TRANSLATION_MM:g} mm) and "
                   + ("realigned by the app's rigid stage (that network's estimate, refined)"
                      if args.realign == "refined" else
                      "realigned by that network's fused estimate alone")
@@ -251,16 +261,13 @@ def train_both(args, command: str, net, anatomies, finish) -> int:
     def write(rounds_done, rigid_summary, record):
         summary = finish(dict(rigid_summary, alternating=dict(schedule, rounds=rounds_done)))
         Path(args.output).with_suffix(".md").write_text(model_card(summary, args.output))
-        tmp = velocity_output + ".part"
-        deform_net.save_predictor(velocity_net, tmp, {
+        seconds = (datetime.datetime.now() - started).total_seconds()
+        write_predictor(velocity_net, velocity_output, {
             "command": command, "steps": len(record.losses), "errors_mm": record.errors_mm,
             "zero_error_mm": record.zero_error_mm, "rigid_network": Path(args.output).name,
-            "continued_from": continued_from})
-        os.replace(tmp, velocity_output)
-        seconds = (datetime.datetime.now() - started).total_seconds()
-        Path(velocity_output).with_suffix(".md").write_text(velocity_card(
-            record, args, velocity_net, velocity_output, command, seconds, alternated,
-            continued_from))
+            "continued_from": continued_from}, velocity_card(
+                record, args, velocity_net, velocity_output, command, seconds, alternated,
+                continued_from))
         print(f"round {rounds_done}: wrote {args.output} and {velocity_output} with their model "
               "cards", flush=True)
 

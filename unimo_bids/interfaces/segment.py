@@ -21,12 +21,10 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..unimo.devices import fitting_chunk, is_cuda, run_with_memory_fallback
-from ..unimo.segment import brain_mask, reference_mask
-from ..unimo.segment_torch import brain_mask_torch
+from ..unimo.devices import fitting_chunk, run_with_memory_fallback
+from ..unimo.segment_torch import brain_mask_on
 from ..unimo.segnet import load_segmenter, segment_with_model
-from ..unimo.shape import signed_distance
-from ..unimo.shape_torch import signed_distance_torch
+from ..unimo.shape_torch import signed_distance_on
 from .unimo import use_gpu_trait
 
 
@@ -160,22 +158,16 @@ class Segment(SimpleInterface):
             masks, ref_mask = run_with_memory_fallback(
                 segment, self.inputs.device, fitting_chunk(self.inputs.device, img.shape, 4),
                 cpu_chunk_size=4)
-        elif is_cuda(self.inputs.device):
+        else:
             def segment(device, chunk):
-                masks = brain_mask_torch(torch.as_tensor(vols, device=device), _voxel_size(img),
-                                         chunk=chunk).cpu().numpy()
-                return masks, (user_mask if user_mask is not None else brain_mask_torch(
-                    torch.as_tensor(ref_data[None], device=device), _voxel_size(ref))[0]
-                    .cpu().numpy())
+                masks = brain_mask_on(vols, _voxel_size(img), device, chunk)
+                return masks, (user_mask if user_mask is not None else brain_mask_on(
+                    ref_data[None], _voxel_size(ref), device)[0])
 
-            # About 8 float32 values per voxel: the volume, counts and int64 labels.
+            # On a GPU about 8 float32 values per voxel: the volume, counts and int64 labels.
             masks, ref_mask = run_with_memory_fallback(
                 segment, self.inputs.device,
                 fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=8))
-        else:
-            masks = brain_mask(vols, _voxel_size(img))
-            ref_mask = (user_mask if user_mask is not None
-                        else reference_mask(ref_data, _voxel_size(ref)))
         vols = None  # freed before the masks are written
         masks = masks[0] if len(img.shape) == 3 else np.moveaxis(masks, 0, -1)
         self._results["out_masks"] = _save_like(
@@ -220,19 +212,11 @@ class ShapeMap(SimpleInterface):
                              f"{masks.shape}")
         volumes = (np.ascontiguousarray(np.moveaxis(masks, -1, 0)) if masks.ndim == 4
                    else masks[None])
-        if is_cuda(self.inputs.device):
-            def distances(device, chunk):
-                return np.concatenate([
-                    signed_distance_torch(torch.as_tensor(volumes[start:start + chunk],
-                                                          device=device), _voxel_size(img))
-                    .cpu().numpy() for start in range(0, len(volumes), chunk)])
-
-            # The two nearest-voxel transforms hold about 32 float32 values per voxel.
-            dist = run_with_memory_fallback(
-                distances, self.inputs.device,
-                fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=32))
-        else:
-            dist = signed_distance(volumes, _voxel_size(img))
+        # On a GPU the two nearest-voxel transforms hold about 32 float32 values per voxel.
+        dist = run_with_memory_fallback(
+            lambda device, chunk: signed_distance_on(volumes, _voxel_size(img), device, chunk),
+            self.inputs.device,
+            fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=32))
         dist = np.moveaxis(dist, 0, -1) if masks.ndim == 4 else dist[0]
         self._results["out_file"] = _save_like(
             dist, img, np.float32, _out_path(self.inputs.in_masks, "_distmap", runtime.cwd))

@@ -19,18 +19,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from . import deform_net
-from .geometry import homogeneous, rigid_inverse
+from .geometry import centroids, homogeneous, rigid_inverse
 from .hmc import estimate_head_motion
 from .keypoints import shape_input, to_working_grid
 from .network import UniMoRigidNet, network_estimates, translations
 from .training import random_rotations, train
 
-__all__ = ["DeformableVolume", "realign_by_network", "train_alternating"]
+__all__ = ["DeformableVolume", "REALIGN_MAX_ROTATION_DEG", "REALIGN_MAX_TRANSLATION_MM",
+           "realign_by_network", "train_alternating"]
+
+# The rigid motion the deformable stage's pairs are moved by before the rigid stage realigns
+# them: the range where the network gives the refinement a useful start.
+REALIGN_MAX_ROTATION_DEG = 20.0
+REALIGN_MAX_TRANSLATION_MM = 10.0
 
 
 @dataclass
@@ -46,17 +53,15 @@ class DeformableVolume:
     spacing: tuple
     affine: np.ndarray
 
-    @property
+    @cached_property
     def center(self) -> torch.Tensor:
         """(3,) float64 world centroid of the mask."""
-        index = torch.nonzero(self.mask[0, 0]).to(torch.float64).mean(0)
-        affine = torch.as_tensor(self.affine, dtype=torch.float64)
-        return affine[:3, :3] @ index + affine[:3, 3]
+        return torch.as_tensor(centroids(self.mask[0, 0].numpy(), self.affine))
 
 
 def realign_by_network(net: UniMoRigidNet, pairs: deform_net.Pairs, data: DeformableVolume,
-                       g: torch.Generator, max_rotation_deg: float = 20.0,
-                       max_translation_mm: float = 10.0,
+                       g: torch.Generator, max_rotation_deg: float = REALIGN_MAX_ROTATION_DEG,
+                       max_translation_mm: float = REALIGN_MAX_TRANSLATION_MM,
                        center_jitter_mm: float = 3.0, refine: bool = False) -> tuple:
     """The pairs with the moving volume moved rigidly and brought back by ``net``'s estimate.
 
@@ -81,29 +86,12 @@ def realign_by_network(net: UniMoRigidNet, pairs: deform_net.Pairs, data: Deform
     truth = homogeneous(rotation, center + shift - rotation @ center)
     fixed_offsets = torch.randn(batch, 3, generator=g, dtype=f64) * center_jitter_mm
     moving_offsets = shift + torch.randn(batch, 3, generator=g, dtype=f64) * center_jitter_mm
-    grid_affine, grid_shape = net.grid(tuple(data.mask.shape[2:]), data.affine,
-                                       data.mask[0, 0].numpy())
-    fixed_tx = translations(fixed_offsets)
-    moving_tx = rigid_inverse(truth) @ translations(moving_offsets)
-
-    def inputs(volumes, distances, transforms):
-        image = to_working_grid(volumes, data.affine, grid_affine, grid_shape, transforms,
-                                antialias=False)
-        distance = to_working_grid(distances, data.affine, grid_affine, grid_shape, transforms,
-                                   antialias=False, padding_mode="border")
-        return image, shape_input(distance)
-
     was_training = net.training
     net.eval()
     if refine:  # the refinement takes gradients of its own
         estimate = _refined(net, pairs, data, truth)
     else:
-        with torch.no_grad():
-            fixed_image, fixed_shape = inputs(pairs.fixed, pairs.fixed_shape, fixed_tx)
-            moving_image, moving_shape = inputs(pairs.moving, pairs.moving_shape, moving_tx)
-            estimate = network_estimates(net, fixed_image, fixed_shape, moving_image,
-                                         moving_shape, grid_affine, fixed_offsets,
-                                         moving_offsets, center).fused
+        estimate = _network_estimate(net, pairs, data, truth, fixed_offsets, moving_offsets)
     net.train(was_training)
     grid = tuple(pairs.moving.shape[2:])
     residual = rigid_inverse(truth) @ estimate
@@ -116,6 +104,30 @@ def realign_by_network(net: UniMoRigidNet, pairs: deform_net.Pairs, data: Deform
                                  fixed_shape=pairs.fixed_shape, mask=pairs.mask,
                                  velocity=pairs.velocity, displacement=pairs.displacement)
     return realigned, truth, estimate
+
+
+def _network_estimate(net, pairs: deform_net.Pairs, data: DeformableVolume,
+                      truth: torch.Tensor, fixed_offsets: torch.Tensor,
+                      moving_offsets: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) the network's fused estimates of each pair's moved volume, from the
+    working-grid inputs the app would give it, each grid shifted by its offset."""
+    grid_affine, grid_shape = net.grid(tuple(data.mask.shape[2:]), data.affine,
+                                       data.mask[0, 0].numpy())
+
+    def inputs(volumes, distances, transforms):
+        image = to_working_grid(volumes, data.affine, grid_affine, grid_shape, transforms,
+                                antialias=False)
+        distance = to_working_grid(distances, data.affine, grid_affine, grid_shape, transforms,
+                                   antialias=False, padding_mode="border")
+        return image, shape_input(distance)
+
+    with torch.no_grad():
+        fixed_image, fixed_shape = inputs(pairs.fixed, pairs.fixed_shape,
+                                          translations(fixed_offsets))
+        moving_image, moving_shape = inputs(pairs.moving, pairs.moving_shape,
+                                            rigid_inverse(truth) @ translations(moving_offsets))
+        return network_estimates(net, fixed_image, fixed_shape, moving_image, moving_shape,
+                                 grid_affine, fixed_offsets, moving_offsets, data.center).fused
 
 
 def _refined(net, pairs: deform_net.Pairs, data: DeformableVolume,
@@ -144,7 +156,7 @@ def train_alternating(rigid_net: UniMoRigidNet, velocity_net: deform_net.Velocit
                       learning_rate: float = 3e-3, deformable_learning_rate: float = 2e-3,
                       warmup: float = 0.0, seed: int = 0, max_translation_mm: float = 30.0,
                       classical_masks: float = 0.5, deformation_mm: float = 3.0,
-                      max_displacement_mm=(1.0, 6.0), realign_rotation_deg: float = 20.0,
+                      max_displacement_mm=(1.0, 6.0),
                       rigid_optimizer_state: dict | None = None, after_round=None,
                       validate_every: int = 0, refine: bool = True,
                       validation_pairs: int = 32, supervised_warmup: float = 1.0,
@@ -195,8 +207,7 @@ def train_alternating(rigid_net: UniMoRigidNet, velocity_net: deform_net.Velocit
         first_step = len(record.losses)
 
         def realign(pairs, g):
-            return realign_by_network(rigid_net, pairs, data, g,
-                                      max_rotation_deg=realign_rotation_deg, refine=refine)[0]
+            return realign_by_network(rigid_net, pairs, data, g, refine=refine)[0]
 
         def progress(step, values):
             if step % 25 == 0:

@@ -101,13 +101,19 @@ def reference_on_grid(reference: np.ndarray, affine, reference_mask: np.ndarray,
     return unit_median(fixed, grid_mask), grid_mask
 
 
-def _masked_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation inside ``mask`` of (B, 1, ...) a and b: (B,)."""
-    a = a[:, 0][:, mask]
-    b = b[:, 0][:, mask]
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)
+def masked_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation inside ``mask`` of (B, 1, ...) a and b: (B,). mask: bool or 0/1,
+    (...) shared by the batch or (B, 1, ...) one per item. Differentiable in a and b."""
+    weight = mask.to(a.dtype).expand_as(a)
+    total = weight.flatten(1).sum(1).clamp_min(1.0)
+
+    def centred(x):
+        mean = (x * weight).flatten(1).sum(1) / total
+        return (x - mean.view((-1,) + (1,) * (x.ndim - 1))) * weight
+
+    a, b = centred(a), centred(b)
+    return (a * b).flatten(1).sum(1) / ((a * a).flatten(1).sum(1)
+                                        * (b * b).flatten(1).sum(1)).sqrt().clamp_min(1e-12)
 
 
 def _volumes_tensor(array: np.ndarray, start: int, stop: int, device) -> torch.Tensor:
@@ -201,8 +207,8 @@ def estimate_deformation(series: np.ndarray, affine, reference: np.ndarray,
             max_mm.append(magnitude.amax(1).cpu().numpy())
             min_jac.append(jacobian.cpu().numpy())
             rejected.append(folded.cpu().numpy())
-            ncc_rigid.append(_masked_ncc(moving, fixed, grid_mask).cpu().numpy())
-            ncc_deformed.append(_masked_ncc(warped, fixed, grid_mask).cpu().numpy())
+            ncc_rigid.append(masked_ncc(moving, fixed, grid_mask).cpu().numpy())
+            ncc_deformed.append(masked_ncc(warped, fixed, grid_mask).cpu().numpy())
         if progress is not None:
             progress(stop, n_volumes)
     return Deformation(grid_affine=grid_affine, displacement=np.concatenate(fields),

@@ -35,7 +35,8 @@ from typing import Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["brain_mask", "reference_mask", "robust_thresholds", "ball"]
+__all__ = ["brain_mask", "reference_mask", "robust_thresholds", "ball", "checked_voxel_size",
+           "slice_axis"]
 
 # Default radii. 8 mm opening removes structures thinner than ~16 mm that hang on the brain
 # (scalp bridges, optic nerves, ghosts) but keeps gyri and the cerebellum; 4 mm closing smooths
@@ -69,6 +70,22 @@ def ball(radius_mm: float, voxel_size: Sequence[float]) -> np.ndarray:
     grids = np.ogrid[tuple(slice(-k, k + 1) for k in n)]
     d2 = sum((g * hi) ** 2 for g, hi in zip(grids, h))
     return d2 <= r * r * (1 + 1e-9)
+
+
+def checked_voxel_size(voxel_size: Sequence[float]) -> Tuple[float, float, float]:
+    """The 3 voxel sizes (mm) of header zooms (extra entries such as TR are ignored); a one-line
+    ValueError unless there are 3 positive ones."""
+    h = tuple(float(v) for v in np.asarray(voxel_size, dtype=float).ravel()[:3])
+    if len(h) != 3 or min(h) <= 0:
+        raise ValueError(f"voxel_size must hold 3 positive sizes in mm, got {voxel_size!r}")
+    return h
+
+
+def slice_axis(voxel_size: Sequence[float]) -> int:
+    """The axis of the largest voxel size (the slice axis of anisotropic acquisitions; the last
+    axis on ties): holes are filled in the slices normal to it."""
+    h = np.asarray(voxel_size, dtype=float)
+    return int(np.flatnonzero(h >= h.max() - 1e-6)[-1])
 
 
 def _struct4d(s3: np.ndarray) -> np.ndarray:
@@ -348,9 +365,7 @@ def _clean(fg: np.ndarray, h, opening_radius_mm: float, closing_radius_mm: float
     # too (a 3D hole is enclosed in each of its slices), and also the dark deep brain of
     # partial-coverage EPI with a strong receive bias, which is open to the FOV edge in 3D but
     # enclosed by cortex in each slice.
-    h_arr = np.asarray(h)
-    axis = int(np.flatnonzero(h_arr >= h_arr.max() - 1e-6)[-1])
-    out[box] = _fill_holes(mask, plane_axis=axis)
+    out[box] = _fill_holes(mask, plane_axis=slice_axis(h))
     return out
 
 
@@ -382,9 +397,7 @@ def brain_mask(
     vol = np.asarray(volumes)
     if vol.ndim != 4:
         raise ValueError(f"volumes must be (T, X, Y, Z), got shape {vol.shape}")
-    h = tuple(float(v) for v in np.asarray(voxel_size, dtype=float).ravel()[:3])
-    if len(h) != 3 or min(h) <= 0:
-        raise ValueError(f"voxel_size must hold 3 positive sizes in mm, got {voxel_size!r}")
+    h = checked_voxel_size(voxel_size)
     # contiguous (T, X, Y, Z): scipy's filters and the reshapes below are slow/copying on views
     vol = np.ascontiguousarray(vol, dtype=np.float32)
     if not np.isfinite(vol).all():

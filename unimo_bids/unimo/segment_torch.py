@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import is_cuda
 from .segment import (_MAX_PCT_SAMPLES, _MAX_SAMPLES, CLOSING_RADIUS_MM, OPENING_RADIUS_MM,
-                      ball)
+                      ball, brain_mask, checked_voxel_size, slice_axis)
 
-__all__ = ["brain_mask_torch", "robust_thresholds_torch"]
+__all__ = ["brain_mask_on", "brain_mask_torch", "robust_thresholds_torch"]
 
 
 @lru_cache(maxsize=8)
@@ -228,9 +229,7 @@ def _clean(foreground: torch.Tensor, h, opening_radius_mm: float,
         mask[opened] = _dilate(mask[opened], opening_radius_mm, h, within=foreground[opened])
     grown = _dilate(mask, closing_radius_mm, h)
     mask = _erode(grown, closing_radius_mm, h)
-    h_arr = np.asarray(h)
-    axis = int(np.flatnonzero(h_arr >= h_arr.max() - 1e-6)[-1])
-    return _fill_holes_in_slices(mask, axis)
+    return _fill_holes_in_slices(mask, slice_axis(h))
 
 
 def brain_mask_torch(volumes: torch.Tensor, voxel_size: Sequence[float], *,
@@ -242,9 +241,7 @@ def brain_mask_torch(volumes: torch.Tensor, voxel_size: Sequence[float], *,
     volumes at a time bound the memory (the component labels are int64 per voxel)."""
     if volumes.ndim != 4:
         raise ValueError(f"volumes must be (T, X, Y, Z), got shape {tuple(volumes.shape)}")
-    h = tuple(float(v) for v in np.asarray(voxel_size, dtype=float).ravel()[:3])
-    if len(h) != 3 or min(h) <= 0:
-        raise ValueError(f"voxel_size must hold 3 positive sizes in mm, got {voxel_size!r}")
+    h = checked_voxel_size(voxel_size)
     volumes = volumes.to(torch.float32)
     if not bool(torch.isfinite(volumes).all()):
         finite = torch.isfinite(volumes)
@@ -268,3 +265,14 @@ def _brain_mask_chunk(volumes, h, opening_radius_mm, closing_radius_mm) -> torch
     if bool(no_contrast.any()):
         mask[no_contrast] = (highest[no_contrast] > 0)[:, None, None, None]
     return mask
+
+
+def brain_mask_on(volumes: np.ndarray, voxel_size: Sequence[float], device="cpu",
+                  chunk_size: int = 64) -> np.ndarray:
+    """``segment.brain_mask`` of (T, X, Y, Z) numpy volumes, made on a CUDA ``device`` by
+    :func:`brain_mask_torch` (``chunk_size`` volumes at a time), elsewhere by scipy (faster on
+    a CPU). Returns (T, X, Y, Z) bool numpy."""
+    if not is_cuda(device):
+        return brain_mask(volumes, voxel_size)
+    return brain_mask_torch(torch.as_tensor(np.asarray(volumes), device=device), voxel_size,
+                            chunk=chunk_size).cpu().numpy()

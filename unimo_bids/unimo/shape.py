@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from .segment import checked_voxel_size
+
 __all__ = ["signed_distance", "dice"]
 
 
@@ -99,9 +101,7 @@ def signed_distance(masks: np.ndarray, voxel_size: Sequence[float]) -> np.ndarra
     m = np.asarray(masks).astype(bool, copy=False)
     if m.ndim not in (3, 4):
         raise ValueError(f"masks must be (X, Y, Z) or (T, X, Y, Z), got shape {m.shape}")
-    h = np.asarray(voxel_size, dtype=float).ravel()[:3]
-    if h.size != 3 or np.any(h <= 0):
-        raise ValueError(f"voxel_size must hold 3 positive sizes in mm, got {voxel_size!r}")
+    h = np.asarray(checked_voxel_size(voxel_size))
     big = _fov_diagonal_mm(m.shape[-3:], h)
     if m.ndim == 3:
         return _signed_distance_3d(m, h, big)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .devices import is_cuda
+from .segment import checked_voxel_size
 from .shape import _fov_diagonal_mm, signed_distance
 
 __all__ = ["nearest_voxel", "signed_distance_on", "signed_distance_torch", "within_distance_on"]
@@ -98,9 +100,7 @@ def signed_distance_torch(masks: torch.Tensor, voxel_size: Sequence[float]) -> t
     if masks.ndim != 4:
         raise ValueError(f"masks must be (X, Y, Z) or (T, X, Y, Z), got shape "
                          f"{tuple(masks.shape)}")
-    h = np.asarray(voxel_size, dtype=float).ravel()[:3]
-    if h.size != 3 or np.any(h <= 0):
-        raise ValueError(f"voxel_size must hold 3 positive sizes in mm, got {voxel_size!r}")
+    h = checked_voxel_size(voxel_size)
     big = _fov_diagonal_mm(masks.shape[-3:], h)
     _, to_inside = nearest_voxel(masks, h)  # for outside voxels
     _, to_outside = nearest_voxel(~masks, h)  # for inside voxels
@@ -129,7 +129,7 @@ def signed_distance_on(masks: np.ndarray, voxel_size: Sequence[float], device="c
     """``shape.signed_distance`` of numpy masks ((T, X, Y, Z) or (X, Y, Z)), made on a CUDA
     ``device`` by :func:`signed_distance_torch` (``chunk_size`` volumes at a time), elsewhere by
     scipy (faster on a CPU). Returns float32 numpy."""
-    if torch.device(device).type != "cuda":
+    if not is_cuda(device):
         return signed_distance(masks, voxel_size)
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim == 3:
@@ -146,7 +146,7 @@ def within_distance_on(masks: np.ndarray, voxel_size: Sequence[float], distance_
     """(T, X, Y, Z) bool: voxels within ``distance_mm`` of each volume's mask (inside included);
     nothing for an empty mask. On a CUDA ``device`` by :func:`nearest_voxel`, else by scipy."""
     masks = np.asarray(masks, dtype=bool)
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         squared, _ = nearest_voxel(torch.as_tensor(masks, device=device), voxel_size)
         return (squared <= distance_mm ** 2).cpu().numpy()
     out = np.zeros_like(masks)

@@ -33,6 +33,7 @@ from .geometry import centroids, homogeneous, rigid_inverse, voxel_sizes, world_
 from .keypoints import shape_input, to_working_grid
 from .resample import band_limit_sigma, gaussian_blur, resample, voxel_map
 from .network import RigidEstimates, UniMoRigidNet, network_estimates, translations
+from .deform import masked_ncc
 from .epdiff import warp
 from .segment import brain_mask
 from .shape import signed_distance
@@ -272,16 +273,8 @@ def alignment_loss(estimate: torch.Tensor, pairs: dict, grid_affine,
     moved = torch.cat([pairs["moving_image"], pairs["moving_shape"]], 1)
     warped = resample(moved, maps, grid_shape)
     image, shape = warped[:, :1], warped[:, 1:]
-    weight = (pairs["fixed_shape"] > clip_mm - near_brain_mm).to(image.dtype)
-    total = weight.flatten(1).sum(1).clamp_min(1.0)
-
-    def centred(x):
-        mean = (x * weight).flatten(1).sum(1) / total
-        return (x - mean.view(-1, 1, 1, 1, 1)) * weight
-
-    a, b = centred(image), centred(pairs["fixed_image"])
-    ncc = (a * b).flatten(1).sum(1) / ((a * a).flatten(1).sum(1)
-                                       * (b * b).flatten(1).sum(1)).sqrt().clamp_min(1e-12)
+    ncc = masked_ncc(image, pairs["fixed_image"],
+                     pairs["fixed_shape"] > clip_mm - near_brain_mm)
     shape_error = ((shape - pairs["fixed_shape"]) ** 2).flatten(1).mean(1) / clip_mm ** 2
     return 1.0 - ncc + shape_error
 
