@@ -5,11 +5,18 @@ in every other volume the brain alone moves, by an angle uniform in [0, 30] deg 
 random axis through its centroid and translations uniform in [-10, 10] mm per axis; 1 % Gaussian
 noise of the series maximum is added:
 
-- embedded: the real T1w ``anat/xa30_T1w.nii.gz`` (2 mm), the part inside its classical brain
-  mask (``segment.reference_mask``), surrounded by a 4 mm dark fluid rim, moved inside a still,
+- embedded: the real T1w ``anat/xa30_T1w.nii.gz`` (2 mm), the part inside its brain mask,
+  surrounded by a 4 mm dark fluid rim, moved inside a still,
   textured field of view (a smooth random texture in a body-like ellipsoid) on a 2.5 mm RAS grid
   of 80^3 (200 mm). Volume t = w_t * (brain and rim)_t + (1 - w_t) * surroundings, w_t the
-  brain mask grown by the rim, moved the same way (linear interpolation).
+  brain mask grown by the rim, moved the same way (linear interpolation). The brain mask
+  (``--embedded-mask``): ``template`` (default), TemplateFlow's MNI152NLin2009cAsym brain mask
+  (res-02, in the data folder's ``templateflow/``) carried onto the T1w by antspyx SyN from the
+  template's T1w, as template-based brain extraction does, computed once with antspyx and
+  cached in ``benchmarks/.cache/``; or ``classical``, the app's classical mask of the T1w, which
+  on this scan takes in scalp over the vertex and cuts the cerebellum and temporal poles off
+  by a plane (Dice 0.82 against the template mask): what the embedded form used before
+  2026-12-07, whose "brain" a brain segmenter cannot be asked to find.
 - stack: the real fetal HASTE stack ``fetal/sub-01_run-1_T2w.nii.gz`` (1.125x1.125x3.3 mm) with
   its manual brain mask, as ``hmc_accuracy.fetal_case``: on a 2.5 mm RAS grid of 64^3 centred on
   the brain, the manually masked brain moves while the mother's tissue stays still (the brain's
@@ -95,10 +102,45 @@ def body_texture(shape, voxel_mm, rng, smooth_mm=6.0):
     return np.where(inside, 0.25 + 0.65 * noise, 0.02).astype(np.float32)
 
 
-def embedded_case(root, n_volumes, rng, voxel_mm=2.5, size=80, rim_mm=4.0, fluid=0.05):
-    data, img = load_scaled(root / "anat/xa30_T1w.nii.gz")
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def template_brain_mask(root, image_path):
+    """(X, Y, Z) bool brain mask of a T1w: MNI152NLin2009cAsym's brain mask warped onto it by
+    antspyx SyN from the template's T1w (seed 0, one thread), cached as NIfTI."""
+    import nibabel as nb
+
+    cached = CACHE / f"{image_path.name.split('.')[0]}_desc-template_mask.nii.gz"
+    if not cached.is_file():
+        try:
+            import ants
+        except ImportError:
+            raise SystemExit(f"{cached} is missing: run this benchmark once with antspyx "
+                             "installed (see benchmarks/compare_ants.py), or pass "
+                             "--embedded-mask classical") from None
+        folder = root / "templateflow" / "tpl-MNI152NLin2009cAsym"
+        fixed = ants.image_read(str(image_path))
+        registration = ants.registration(
+            fixed, ants.image_read(str(folder / "tpl-MNI152NLin2009cAsym_res-02_T1w.nii.gz")),
+            type_of_transform="SyN", random_seed=0)
+        warped = ants.apply_transforms(
+            fixed, ants.image_read(str(folder / "tpl-MNI152NLin2009cAsym_res-02_desc-brain_mask"
+                                                ".nii.gz")),
+            registration["fwdtransforms"], interpolator="linear")
+        CACHE.mkdir(exist_ok=True)
+        image = nb.load(image_path)
+        nb.save(nb.Nifti1Image((warped.numpy() > 0.5).astype(np.uint8), image.affine),
+                cached)
+    return np.asarray(nb.load(cached).dataobj) > 0
+
+
+def embedded_case(root, n_volumes, rng, voxel_mm=2.5, size=80, rim_mm=4.0, fluid=0.05,
+                  mask="template"):
+    path = root / "anat/xa30_T1w.nii.gz"
+    data, img = load_scaled(path)
     sizes = voxel_sizes(img.affine)
-    brain = reference_mask(data, sizes)
+    brain = (template_brain_mask(root, path) if mask == "template"
+             else reference_mask(data, sizes))
     grown = ndimage.distance_transform_edt(~brain, sampling=sizes) <= rim_mm
     moving_layer = np.where(brain, data, fluid).astype(np.float32)
     center = world_points(brain.shape, img.affine, brain).mean(0)
@@ -116,7 +158,7 @@ def embedded_case(root, n_volumes, rng, voxel_mm=2.5, size=80, rim_mm=4.0, fluid
     return Case(with_noise(series, rng), grid, truth_of(motions),
                 world_points(shape, grid, masks[..., 0]), manual_mask=masks[..., 0],
                 manual_masks=masks,
-                description=f"real xa30 T1w brain (its classical mask) with a {rim_mm:g} mm "
+                description=f"real xa30 T1w brain ({mask} mask) with a {rim_mm:g} mm "
                             f"dark fluid rim in still textured surroundings, {voxel_mm:g} mm "
                             f"grid ({size}^3)")
 
@@ -275,6 +317,10 @@ def parse_args(argv):
     parser.add_argument("--seg-model", type=Path, default=PACKAGED_SEGMENTER,
                         help="trained segmenter (default: the packaged one)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--embedded-mask", choices=("template", "classical"), default="template",
+                        help="the embedded form's brain: the template-registered mask "
+                             "(default) or the T1w's classical mask (the form before "
+                             "2026-12-07)")
     parser.add_argument("--volumes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -297,7 +343,8 @@ def main(argv=None) -> int:
     warm_up()
     rows, notes = [], []
     for form in args.forms:
-        case = FORMS[form](args.data, args.volumes, np.random.default_rng(args.seed))
+        options = {"mask": args.embedded_mask} if form == "embedded" else {}
+        case = FORMS[form](args.data, args.volumes, np.random.default_rng(args.seed), **options)
         notes.append(f"- {form}: {case.description}")
         rows += evaluate(form, case, methods, model)
     libraries = [f"torch {torch.__version__}", f"{args.threads} threads"]

@@ -129,6 +129,25 @@ def test_registration_large_motion_capture(mni_template):
     assert errors.max() < 0.5, errors
 
 
+def test_several_starts_per_volume_match_registering_each_copy(mni_template):
+    """k starts for each of B volumes (start-major, one blur per level) give what registering
+    k * B explicit copies gives; a start count that is not a multiple of B is refused."""
+    series, grid, motions, brain = moved_series(mni_template, 4.0, 3, 10.0, 8.0, seed=5)
+    fixed = torch.as_tensor(series[..., 0])[None]
+    moving = torch.as_tensor(np.moveaxis(series[..., 1:], -1, 0))[:, None]
+    center = grid_center(series.shape[:3], grid)
+    starts = np.concatenate([np.tile(np.eye(4), (2, 1, 1)),
+                             np.stack([rigid_matrix((6, -4, 3), (3, 1, -2), center)] * 2)])
+    weight = torch.as_tensor(brain.astype(np.float32))
+    shared = register_rigid(fixed, moving, grid, grid, weight, init=starts)
+    copies = register_rigid(fixed, moving.repeat(2, 1, 1, 1, 1), grid, grid, weight,
+                            init=starts)
+    assert np.allclose(shared.transforms, copies.transforms, atol=1e-6)
+    assert np.allclose(shared.residual, copies.residual, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        register_rigid(fixed, moving, grid, grid, weight, init=starts[:3])
+
+
 def test_a_level_with_too_few_points_falls_back_to_the_voxel_grid(mni_template):
     """Level.min_points: the finest level 1.25 voxels apart keeps its grid when it holds enough
     weighted points, and otherwise runs on the voxel grid, with its own smoothing."""

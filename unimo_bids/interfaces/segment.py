@@ -159,10 +159,12 @@ class Segment(SimpleInterface):
                 segment, self.inputs.device, fitting_chunk(self.inputs.device, img.shape, 4),
                 cpu_chunk_size=4)
         else:
+            workers = max(self.inputs.num_threads, 1)
+
             def segment(device, chunk):
-                masks = brain_mask_on(vols, _voxel_size(img), device, chunk)
+                masks = brain_mask_on(vols, _voxel_size(img), device, chunk, workers)
                 return masks, (user_mask if user_mask is not None else brain_mask_on(
-                    ref_data[None], _voxel_size(ref), device)[0])
+                    ref_data[None], _voxel_size(ref), device, workers=workers)[0])
 
             # On a GPU about 8 float32 values per voxel: the volume, counts and int64 labels.
             masks, ref_mask = run_with_memory_fallback(
@@ -183,6 +185,8 @@ class _ShapeMapInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True,
                         desc="torch device: on a CUDA device the maps are made there "
                              "(unimo.shape_torch), elsewhere by scipy")
+    num_threads = traits.Int(1, usedefault=True,
+                             desc="CPU threads of the scipy maps (each a group of volumes)")
     use_gpu = use_gpu_trait()
 
 
@@ -214,7 +218,8 @@ class ShapeMap(SimpleInterface):
                    else masks[None])
         # On a GPU the two nearest-voxel transforms hold about 32 float32 values per voxel.
         dist = run_with_memory_fallback(
-            lambda device, chunk: signed_distance_on(volumes, _voxel_size(img), device, chunk),
+            lambda device, chunk: signed_distance_on(volumes, _voxel_size(img), device, chunk,
+                                                     max(self.inputs.num_threads, 1)),
             self.inputs.device,
             fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=32))
         dist = np.moveaxis(dist, 0, -1) if masks.ndim == 4 else dist[0]

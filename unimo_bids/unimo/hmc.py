@@ -10,7 +10,9 @@ from scipy import ndimage
 
 from .deform import deformable_voxel_points, field_on_grid
 from .geometry import centroids, rotation_angle, start_transforms, voxel_sizes, world_points
+from .devices import fast_inference_dtype
 from .heap import retained_heap
+from .keypoints import inference_precision
 from .network import UniMoRigidNet, encode_inputs, network_estimates
 from .register import Level, RigidResult, register_rigid
 from .resample import resample, sample_points, voxel_map
@@ -124,9 +126,17 @@ def network_head_motion(
     """The UniMo network's rigid estimates (no refinement) for every volume of a series.
 
     Arguments as ``estimate_head_motion``. Every input is resampled once onto the network's
-    working grid, shifted to its own mask centroid; the reference is encoded once.
+    working grid, shifted to its own mask centroid; the reference is encoded once. The
+    convolutions run in ``devices.fast_inference_dtype(device)``.
     """
     net = net.to(device).eval()
+    with inference_precision(net, fast_inference_dtype(device)):
+        return _network_head_motion(net, series, affine, reference, reference_mask,
+                                    shape_series, shape_reference, device, chunk_size)
+
+
+def _network_head_motion(net, series, affine, reference, reference_mask, shape_series,
+                         shape_reference, device, chunk_size) -> NetworkMotion:
     use_shape = shape_series is not None and shape_reference is not None
     grid_affine, grid_shape = net.grid(reference.shape, affine, reference_mask)
     center = centroids(reference_mask, affine)
@@ -274,8 +284,8 @@ def _coarse_level(fixed_t, moving, affine, weight, candidates, level, intensity_
     parts = []
     for first in range(0, len(candidates), group):
         block = candidates[first:first + group]
-        parts.append(register_rigid(fixed_t, moving.repeat(len(block), 1, 1, 1, 1), affine,
-                                    affine, weight, init=np.concatenate(block), levels=(level,),
+        parts.append(register_rigid(fixed_t, moving, affine, affine, weight,
+                                    init=np.concatenate(block), levels=(level,),
                                     intensity_bins=intensity_bins))
     return RigidResult(*(np.concatenate([getattr(part, name) for part in parts])
                          for name in ("transforms", "residual", "iterations", "overlap")))

@@ -21,6 +21,7 @@ follow the anatomy rather than the grid centre (a softplus head would add a cons
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "KeypointEncoder",
     "GatedBlock",
     "SteerableConv3d",
+    "inference_precision",
     "keypoints",
     "pair_weights",
     "preset",
@@ -169,6 +171,9 @@ class SteerableConv3d(Convolution):
     With stride 2 the outputs sit on voxels 0, 2, ..., N - 1, symmetric about the centre only
     when N is odd. The dense kernel is cached while no gradient is needed (inference).
 
+    ``inference_dtype`` (None: the input's dtype) is the dtype of the convolution itself when
+    no gradient is needed (see ``devices.fast_inference_dtype``); its output is cast back.
+
     Input (B, irreps_in.dim, X, Y, Z) -> (B, irreps_out.dim, X', Y', Z').
     """
 
@@ -177,6 +182,7 @@ class SteerableConv3d(Convolution):
         super().__init__(irreps_in, irreps_out, o3.Irreps.spherical_harmonics(lmax), diameter,
                          num_radial_basis, steps=(1.0, 1.0, 1.0), stride=stride)
         self.stride = stride
+        self.inference_dtype = None
         self._cache = None
 
     def dense_kernel(self) -> torch.Tensor:
@@ -199,7 +205,25 @@ class SteerableConv3d(Convolution):
         if s > 1 and any(n % s != 1 for n in x.shape[2:]):
             raise ValueError(f"stride-{s} layer needs sizes = 1 mod {s} to stay symmetric about "
                              f"the grid centre, got {tuple(x.shape[2:])}")
-        return F.conv3d(x, self.dense_kernel().to(x.dtype), **self.kwargs)
+        dtype = x.dtype
+        if self.inference_dtype is not None and not torch.is_grad_enabled():
+            dtype = self.inference_dtype
+        return F.conv3d(x.to(dtype), self.dense_kernel().to(dtype), **self.kwargs).to(x.dtype)
+
+
+@contextlib.contextmanager
+def inference_precision(module: torch.nn.Module, dtype: torch.dtype):
+    """Run the steerable convolutions of ``module`` in ``dtype`` inside the block (no-grad
+    passes only; the previous setting is restored after)."""
+    convs = [m for m in module.modules() if isinstance(m, SteerableConv3d)]
+    previous = [conv.inference_dtype for conv in convs]
+    for conv in convs:
+        conv.inference_dtype = dtype
+    try:
+        yield module
+    finally:
+        for conv, old in zip(convs, previous):
+            conv.inference_dtype = old
 
 
 class GatedBlock(torch.nn.Module):

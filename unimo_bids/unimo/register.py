@@ -193,8 +193,9 @@ def register_rigid(
     """Rigidly align each moving volume to the fixed image.
 
     fixed: (C, X, Y, Z) float tensor; channels are e.g. intensity and a shape map.
-    moving: (B, C, X', Y', Z') on the grid ``moving_affine`` (shared by the batch); with B = 1
-        and an ``init`` of several transforms, the one volume is registered from each start.
+    moving: (B, C, X', Y', Z') on the grid ``moving_affine`` (shared by the batch). With an
+        ``init`` of k * B transforms (start-major: row i starts volume i mod B), every volume
+        is registered from each of its k starts; each level blurs the B volumes once.
     fixed_weight: (X, Y, Z) non-negative weights on the fixed grid (e.g. a dilated brain mask);
         None weighs every voxel equally.
     init: (B, 4, 4) initial transforms (world fixed -> world moving); identity when None.
@@ -208,6 +209,9 @@ def register_rigid(
     """
     device = fixed.device
     batch = moving.shape[0] if init is None else len(init)
+    if batch % moving.shape[0]:
+        raise ValueError(f"{batch} starts for {moving.shape[0]} volumes: need a multiple")
+    starts_per_volume = batch // moving.shape[0]
     transforms = (torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
                   if init is None else torch.as_tensor(init, dtype=torch.float64, device=device))
     moving_vox_from_world = torch.linalg.inv(
@@ -237,6 +241,9 @@ def register_rigid(
         centred = (points - center).to(fixed.dtype)
         moving_level = gaussian_blur(moving[:, kept],
                                      band_limit_sigma(moving_affine, level.smoothing * spacing))
+        if starts_per_volume > 1 and moving_level.shape[0] > 1:
+            # one copy per start (a single volume is sampled through all its maps at once)
+            moving_level = moving_level.repeat(starts_per_volume, 1, 1, 1, 1)
         scale = _robust_scale(fixed_values, base_weight)  # (C,)
         # Enough points per bin that a wrong alignment cannot be fitted away (coarse levels
         # have few points).

@@ -14,9 +14,9 @@ The default segmentation of unimo-bids needs no network weights. Per volume it d
 
 Everything works on the whole 4D boolean array at once: the structuring elements have size 1 along
 the volume axis, so a single ``scipy.ndimage`` call treats all volumes and no information flows
-between volumes (long series are cut into chunks of volumes only to bound memory). About 1.7 s
-for a 64x64x33x200 BOLD series on 2 CPU cores. This module is pure numpy/scipy (no nipype, no
-BIDS).
+between volumes (long series are cut into chunks of volumes only to bound memory, and groups of
+volumes run in threads: ``parallel.run_on_groups``). About 1.7 s for a 64x64x33x200 BOLD series
+on 2 CPU cores in one thread. This module is numpy/scipy (no nipype, no BIDS).
 
 Quality measured on real data (Dice against a reference mask): nilearn's MNI152 template 0.995;
 MNI152NLin2009cAsym 2 mm T1w and T2w *with skull* 0.97 and 0.95 (TemplateFlow brain mask); BOLD,
@@ -34,6 +34,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from .parallel import run_on_groups
 
 __all__ = ["brain_mask", "reference_mask", "robust_thresholds", "ball", "checked_voxel_size",
            "slice_axis"]
@@ -375,6 +377,7 @@ def brain_mask(
     *,
     opening_radius_mm: float = OPENING_RADIUS_MM,
     closing_radius_mm: float = CLOSING_RADIUS_MM,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Brain (or head) mask of every volume of a series, without network weights.
 
@@ -384,6 +387,8 @@ def brain_mask(
     voxel_size : (3,) voxel sizes in mm (header zooms; extra entries such as TR are ignored).
     opening_radius_mm, closing_radius_mm : ball radii in mm for the opening (erosion ->
         largest component -> dilation) and the closing.
+    workers : threads, each on its own group of volumes (default: torch's thread count;
+        ``parallel.run_on_groups``). The masks do not depend on it.
 
     Returns
     -------
@@ -410,9 +415,11 @@ def brain_mask(
     # volumes are independent: chunks only bound the memory of the int32 label arrays
     per_chunk = max(1, _MAX_CHUNK_VOXELS // max(1, int(np.prod(vol.shape[1:]))))
     out = np.empty(vol.shape, dtype=bool)
-    for start in range(0, vol.shape[0], per_chunk):
-        sl = slice(start, start + per_chunk)
-        out[sl] = _brain_mask_chunk(vol[sl], h, opening_radius_mm, closing_radius_mm)
+
+    def segment(group: slice) -> None:
+        out[group] = _brain_mask_chunk(vol[group], h, opening_radius_mm, closing_radius_mm)
+
+    run_on_groups(segment, vol.shape[0], workers, most=per_chunk)
     return out
 
 

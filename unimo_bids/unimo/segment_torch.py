@@ -268,11 +268,11 @@ def _brain_mask_chunk(volumes, h, opening_radius_mm, closing_radius_mm) -> torch
 
 
 def brain_mask_on(volumes: np.ndarray, voxel_size: Sequence[float], device="cpu",
-                  chunk_size: int = 64) -> np.ndarray:
+                  chunk_size: int = 64, workers: int | None = None) -> np.ndarray:
     """``segment.brain_mask`` of (T, X, Y, Z) numpy volumes, made on a CUDA ``device`` by
     :func:`brain_mask_torch` (``chunk_size`` volumes at a time), elsewhere by scipy (faster on
-    a CPU). Returns (T, X, Y, Z) bool numpy."""
+    a CPU) in ``workers`` threads. Returns (T, X, Y, Z) bool numpy."""
     if not is_cuda(device):
-        return brain_mask(volumes, voxel_size)
+        return brain_mask(volumes, voxel_size, workers=workers)
     return brain_mask_torch(torch.as_tensor(np.asarray(volumes), device=device), voxel_size,
                             chunk=chunk_size).cpu().numpy()

@@ -125,12 +125,12 @@ def signed_distance_torch(masks: torch.Tensor, voxel_size: Sequence[float]) -> t
 
 
 def signed_distance_on(masks: np.ndarray, voxel_size: Sequence[float], device="cpu",
-                       chunk_size: int = 64) -> np.ndarray:
+                       chunk_size: int = 64, workers: int | None = None) -> np.ndarray:
     """``shape.signed_distance`` of numpy masks ((T, X, Y, Z) or (X, Y, Z)), made on a CUDA
     ``device`` by :func:`signed_distance_torch` (``chunk_size`` volumes at a time), elsewhere by
-    scipy (faster on a CPU). Returns float32 numpy."""
+    scipy (faster on a CPU) in ``workers`` threads. Returns float32 numpy."""
     if not is_cuda(device):
-        return signed_distance(masks, voxel_size)
+        return signed_distance(masks, voxel_size, workers)
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim == 3:
         return signed_distance_torch(torch.as_tensor(masks, device=device),

@@ -271,9 +271,9 @@ volume ({ref}). {masks}{network}{refinement}
     else:
         reference_mask = pe.Node(niu.IdentityInterface(fields=["out"]), name="reference_mask")
         mask_output = "out"
-    # One slot either way: scipy's transform is single-threaded, and a GPU node takes one.
-    volume_shapes = pe.Node(ShapeMap(device=device, use_gpu=on_gpu), name="volume_shapes",
-                            mem_gb=3 * mem_gb)
+    # scipy's transforms run in omp_nthreads threads (groups of volumes); a GPU node takes one.
+    volume_shapes = pe.Node(ShapeMap(device=device, num_threads=omp_nthreads, use_gpu=on_gpu),
+                            name="volume_shapes", mem_gb=3 * mem_gb, n_procs=gpu_procs)
     reference_shape = pe.Node(ShapeMap(device=device, use_gpu=on_gpu), name="reference_shape",
                               mem_gb=0.2)
     unimo_rigid = pe.Node(
