@@ -244,6 +244,31 @@ def test_random_composites_and_stack_samples_are_consistent(toy_anatomy):
     assert inside > (out["image"] * ring).sum() / ring.sum()
 
 
+def test_shape_variation_deforms_the_brain_without_tearing_it(toy_anatomy):
+    """Random composites stretch and warp the one anatomy: the brain stays one filled region
+    whose volume follows its scale (within the stretch and warp), and its shape varies."""
+    from scipy import ndimage as ndi
+
+    g = torch.Generator().manual_seed(3)
+    plain = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0, shape_variation=False,
+                              fov_cuts=False, slice_motion=False)
+    g = torch.Generator().manual_seed(3)
+    varied = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0, fov_cuts=False,
+                               slice_motion=False)
+    ellipsoid_mm3 = 4.0 / 3.0 * np.pi * 55 * 65 * 50
+    ratios = []
+    for sample in (plain, varied):
+        for target, scale in zip(sample["target"][:, 0].numpy() > 0.5, sample["scales"]):
+            labels, count = ndi.label(target)
+            assert count == 1 and ndi.binary_fill_holes(target).sum() == target.sum()
+            ratios.append(target.sum() * 27.0 / (ellipsoid_mm3 * float(scale) ** 3))
+    ratios = np.array(ratios)
+    print("brain volume / scaled anatomy volume, plain then varied:", np.round(ratios, 2))
+    # the field of view may cut a brain placed off-centre: only an upper bound for the plain
+    assert (ratios[:6] < 1.1).all() and (ratios[6:] < 1.6).all() and (ratios > 0.3).all()
+    assert not torch.equal(plain["target"], varied["target"])
+
+
 def test_composites_are_deterministic_for_a_seed(toy_anatomy):
     a = composite_samples(toy_anatomy, (24, 24, 24), 2, torch.Generator().manual_seed(9), 4.0)
     b = composite_samples(toy_anatomy, (24, 24, 24), 2, torch.Generator().manual_seed(9), 4.0)

@@ -128,8 +128,9 @@ percentile of the non-zero voxels, on an isotropic {summary["spacing_mm"]:g} mm 
 with the image axes and covering its field of view; output: brain probability, mapped back to \
 the native grid (trilinear), thresholded at 0.5, largest component, holes filled.
 - **Data:** {summary["anatomy"]}, as synthetic composites: brain scaled 0.35-0.85 (fetal) or \
-0.9-1.1 (adult), any rotation, random tissue contrasts, inside random shells (CSF, skull, \
-fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias field, \
+0.9-1.1 (adult), any rotation, each axis stretched by 0.88-1.12 and most brains warped by a \
+smooth random field of up to 5 % of their size (shape variation), random tissue contrasts, \
+inside random shells (CSF, skull, fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias field, \
 thick slices, per-slice brain motion, noise, field-of-view cuts. Real stacks with manual \
 masks used for training ({summary["real_fraction"]:.0%} of the samples, augmented): \
 {", ".join(summary["train_stacks"]) or "none"}. Held out for validation and model selection: \
@@ -158,8 +159,8 @@ composites on 64^3 grids; held-out: the stacks above):
 - The only real fetal data are two stacks of one fetus from one scanner (1.5 T Siemens \
 HASTE); the held-out stack is the same fetus minutes later, so its Dice is optimistic for \
 other fetuses, gestational ages, scanners and sequences, and it also chose the kept weights.
-- One synthetic anatomy (the adult MNI152 brain, scaled); fetal brains have other shapes \
-(smoother cortex, larger ventricles) that only the real stacks show.
+- One synthetic anatomy (the adult MNI152 brain, scaled, stretched and warped); fetal \
+brains have other shapes (smoother cortex, larger ventricles) that only the real stacks show.
 - Trained on {summary["threads"]} CPU thread(s) for {total_minutes:.0f} minutes in all: \
 a small network, not converged; more time (or a GPU: `--device cuda`) should help.
 - The mask is of the brain inside the field of view; a brain cut by the field of view is \

@@ -55,7 +55,7 @@ from .geometry import centroids, voxel_sizes
 from .resample import band_limit_sigma, gaussian_blur
 from .shape import signed_distance
 from .segnet import SPACING_MM, BrainUNet, normalise_intensities, segment_with_model
-from .training import Anatomy
+from .training import Anatomy, random_deformations
 
 __all__ = [
     "GRID_SHAPES",
@@ -74,6 +74,15 @@ __all__ = [
 # trained on small crops only segments much worse on a whole stack.
 GRID_SHAPES = ((56, 56, 56), (64, 64, 40), (80, 80, 24), (72, 72, 72), (96, 96, 40),
                (120, 120, 24), (112, 96, 32))
+# Shape variation of the synthetic brains (``composite_samples``): per-axis stretch range, and
+# the share of samples deformed by a smooth random field of up to this fraction of the brain's
+# size (about 150 mm for the adult anatomy, times the sample's scale): up to 7.5 mm for an
+# adult brain, 3-6 mm for fetal ones, the scale of the shape differences between subjects
+# after a similarity alignment.
+SHAPE_STRETCH = (0.88, 1.12)
+SHAPE_WARP_SHARE = 0.8
+SHAPE_WARP_FRACTION = 0.05
+BRAIN_SIZE_MM = 150.0
 # A batch holds about ``batch`` times this many voxels: large grids come fewer per batch, so
 # that every step costs about the same.
 _REFERENCE_VOXELS = 56 ** 3
@@ -365,7 +374,7 @@ def _field_of_view(shape, g: torch.Generator, batch: int) -> torch.Tensor:
 def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
                       spacing_mm: float = SPACING_MM, transforms: torch.Tensor | None = None,
                       scales=None, mode: str | None = None, slice_motion: bool = True,
-                      fov_cuts: bool = True):
+                      fov_cuts: bool = True, shape_variation: bool = True):
     """Synthetic (image, brain mask) samples on a working grid of ``shape`` (3 ints).
 
     The working grid has voxel -> world affine diag(spacing) (origin 0). Each sample's brain
@@ -379,12 +388,18 @@ def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
         None;
     slice_motion: allow per-slice shifts of the brain in thick-slice samples;
     fov_cuts: allow field-of-view cuts (image and target zero beyond a plane).
+    shape_variation: with random transforms, vary the one anatomy's shape, as brains differ
+        from it (other subjects, fetal brains): a stretch of each grid axis by 0.88-1.12 and,
+        for ``SHAPE_WARP_SHARE`` of the samples, a smooth random deformation
+        (``training.random_deformations``) of up to ``SHAPE_WARP_FRACTION`` of the brain's
+        size, image and target alike.
     Returns a dict: image (B, 1, X, Y, Z) raw intensities (normalise before the network),
     target (B, 1, X, Y, Z) float 0/1, transforms (B, 4, 4), scales (B,).
     """
     f64 = torch.float64
     shape = tuple(int(n) for n in shape)
     size_mm = torch.tensor(shape, dtype=f64) * spacing_mm
+    random_pose = transforms is None
     if transforms is None:
         adult = torch.rand(batch, generator=g) < 0.35
         scales = torch.where(adult, _uniform(g, 0.9, 1.1, (batch,)),
@@ -397,6 +412,8 @@ def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
         center = torch.as_tensor(anatomy.center, dtype=f64)
         transforms = torch.eye(4, dtype=f64).repeat(batch, 1, 1)
         transforms[:, :3, :3] = rotation / scales[:, None, None]
+        if shape_variation:  # divides column i by the stretch of grid axis i
+            transforms[:, :3, :3] /= _uniform(g, *SHAPE_STRETCH, (batch, 3))[:, None, :]
         transforms[:, :3, 3] = center - (transforms[:, :3, :3] @ place[..., None])[..., 0]
     else:
         transforms = torch.as_tensor(transforms, dtype=f64)
@@ -414,6 +431,10 @@ def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
     for b in range(batch):
         scale = float(scales[b])
         offsets = None
+        if shape_variation and random_pose and _chance(g, SHAPE_WARP_SHARE):
+            largest = SHAPE_WARP_FRACTION * BRAIN_SIZE_MM * scale
+            field = random_deformations(1, shape, largest, g)[0]  # (3, X, Y, Z) mm
+            offsets = (field.permute(1, 2, 3, 0) / spacing_mm).to(f64)[None]
         if slice_motion and thick and _chance(g, 0.3):
             # per-slice in-plane shifts (voxels) of the brain only; the background is static
             amplitude = float(_uniform(g, 0.3, 1.5))
@@ -421,7 +442,7 @@ def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
             shifts[:, slice_axis] = 0.0
             view = [1, 1, 1, 3]
             view[slice_axis] = shape[slice_axis]
-            offsets = shifts.view(1, *view)
+            offsets = shifts.view(1, *view) + (0.0 if offsets is None else offsets)
         band = min(_ANATOMY_BANDS, key=lambda s: abs(s - spacing_mm / scale))
         tissues = sample_through(anatomy.band_limited(band)[None, :_BRAIN_CHANNELS],
                                  vox_maps[b:b + 1], shape, offsets)[0]
