@@ -246,3 +246,17 @@ def test_large_through_slab_motion_does_not_abort_the_series():
     errors = mean_displacement(result.transforms, np.linalg.inv(motions),
                                world_points(volume.shape, img.affine, mask))
     assert errors.max() < 0.5, errors
+
+
+@pytest.mark.parametrize("shape", [(49, 49, 49), (64, 64, 33), (5, 1, 7), (1, 1, 1)])
+def test_affine_sampling_grid_equals_torch_affine_grid(shape):
+    """resample's own grid builder gives torch's affine_grid values (one-voxel axes too)."""
+    import warnings
+
+    from unimo_bids.unimo.resample import affine_sampling_grid
+
+    theta = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # affine_grid warns about unit-size axes
+        expected = torch.nn.functional.affine_grid(theta, (3, 1, *shape), align_corners=True)
+    assert torch.equal(affine_sampling_grid(theta, shape), expected)
