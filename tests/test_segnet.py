@@ -250,11 +250,11 @@ def test_shape_variation_deforms_the_brain_without_tearing_it(toy_anatomy):
     from scipy import ndimage as ndi
 
     g = torch.Generator().manual_seed(3)
-    plain = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0, shape_variation=False,
+    plain = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0,
                               fov_cuts=False, slice_motion=False)
     g = torch.Generator().manual_seed(3)
-    varied = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0, fov_cuts=False,
-                               slice_motion=False)
+    varied = composite_samples(toy_anatomy, (48, 48, 48), 6, g, 3.0, shape_variation=True,
+                               fov_cuts=False, slice_motion=False)
     ellipsoid_mm3 = 4.0 / 3.0 * np.pi * 55 * 65 * 50
     ratios = []
     for sample in (plain, varied):
@@ -331,6 +331,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code = main([str(tmp_path / "seg.pt"), "--fetal-dir", str(tmp_path), "--train-runs", "1",
                  "--val-runs", "1"])
     assert code == 2 and "overlap" in capsys.readouterr().err
+
+
+def test_cli_trains_with_shape_variation_and_says_so(tmp_path):
+    """A few seconds of unimo-bids-train-seg --shape-variation: the segmenter loads, and its
+    record and model card say the brains were stretched and warped."""
+    from unimo_bids.cli.train_seg import main
+
+    out = tmp_path / "seg.pt"
+    assert main([str(out), "--minutes", "0.05", "--nthreads", "1", "--shape-variation"]) == 0
+    _, metadata = load_segmenter(out)
+    assert metadata["shape_variation"] is True
+    card = (tmp_path / "seg.md").read_text()
+    assert "`--shape-variation`" in card and "stretched and warped" in card
 
 
 # --------------------------------------------------------------------------------------------

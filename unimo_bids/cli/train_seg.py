@@ -111,6 +111,10 @@ def model_card(summary: dict, output: str) -> str:
     history_note = ("\nstarting from the weights made by (most recent first):\n\n"
                     + "\n".join(chain) + "\n") if chain else ""
     after = " after the runs above" if chain else ""
+    variation = ("each axis stretched by 0.88-1.12 and most brains warped by a smooth random "
+                 "field of up to 5 % of their size (`--shape-variation`), "
+                 if summary.get("shape_variation") else "")
+    stretched = ", stretched and warped" if summary.get("shape_variation") else ""
     return f"""# Brain segmenter: `{Path(output).name}`
 
 Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
@@ -128,8 +132,7 @@ percentile of the non-zero voxels, on an isotropic {summary["spacing_mm"]:g} mm 
 with the image axes and covering its field of view; output: brain probability, mapped back to \
 the native grid (trilinear), thresholded at 0.5, largest component, holes filled.
 - **Data:** {summary["anatomy"]}, as synthetic composites: brain scaled 0.35-0.85 (fetal) or \
-0.9-1.1 (adult), any rotation, each axis stretched by 0.88-1.12 and most brains warped by a \
-smooth random field of up to 5 % of their size (shape variation), random tissue contrasts, \
+0.9-1.1 (adult), any rotation, {variation}random tissue contrasts, \
 inside random shells (CSF, skull, fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias field, \
 thick slices, per-slice brain motion, noise, field-of-view cuts. Real stacks with manual \
 masks used for training ({summary["real_fraction"]:.0%} of the samples, augmented): \
@@ -159,8 +162,8 @@ composites on 64^3 grids; held-out: the stacks above):
 - The only real fetal data are two stacks of one fetus from one scanner (1.5 T Siemens \
 HASTE); the held-out stack is the same fetus minutes later, so its Dice is optimistic for \
 other fetuses, gestational ages, scanners and sequences, and it also chose the kept weights.
-- One synthetic anatomy (the adult MNI152 brain, scaled, stretched and warped); fetal \
-brains have other shapes (smoother cortex, larger ventricles) that only the real stacks show.
+- One synthetic anatomy (the adult MNI152 brain, scaled{stretched}); fetal brains have other \
+shapes (smoother cortex, larger ventricles) that only the real stacks show.
 - Trained on {summary["threads"]} CPU thread(s) for {total_minutes:.0f} minutes in all: \
 a small network, not converged; more time (or a GPU: `--device cuda`) should help.
 - The mask is of the brain inside the field of view; a brain cut by the field of view is \
@@ -185,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="runs of --fetal-dir held out for validation (default: 2)")
     parser.add_argument("--real-fraction", type=float, default=0.2,
                         help="share of training samples drawn from the real training stacks")
+    parser.add_argument("--shape-variation", action="store_true",
+                        help="stretch each axis of the synthetic brains by 0.88-1.12 and warp "
+                             "most by a smooth random field of up to 5 %% of their size "
+                             "(off by default: the packaged segmenter was trained without)")
     parser.add_argument("--init", help="continue training from this segmenter (TorchScript "
                         "file written by this command) instead of random weights")
     parser.add_argument("--eval", nargs=2, action="append", default=[],
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
         model, summary = train_segmenter(
             [anatomy], train_stacks, val_stacks, minutes=args.minutes, batch=args.batch,
             lr=args.learning_rate, seed=args.seed, device=args.device, progress=progress,
-            real_fraction=args.real_fraction,
+            real_fraction=args.real_fraction, shape_variation=args.shape_variation,
             initial_state=initial.state_dict() if initial is not None else None,
             **({"widths": previous["widths"], "spacing_mm": previous["spacing_mm"]}
                if previous else {}))

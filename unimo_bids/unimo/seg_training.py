@@ -374,7 +374,7 @@ def _field_of_view(shape, g: torch.Generator, batch: int) -> torch.Tensor:
 def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
                       spacing_mm: float = SPACING_MM, transforms: torch.Tensor | None = None,
                       scales=None, mode: str | None = None, slice_motion: bool = True,
-                      fov_cuts: bool = True, shape_variation: bool = True):
+                      fov_cuts: bool = True, shape_variation: bool = False):
     """Synthetic (image, brain mask) samples on a working grid of ``shape`` (3 ints).
 
     The working grid has voxel -> world affine diag(spacing) (origin 0). Each sample's brain
@@ -556,7 +556,8 @@ def native_dice(mask: np.ndarray, reference: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _draw_batch(anatomies, stacks, batch, g, real_fraction, spacing_mm, shapes):
+def _draw_batch(anatomies, stacks, batch, g, real_fraction, spacing_mm, shapes,
+                shape_variation=False):
     """One training batch (images normalised, targets) on a random grid shape: ``batch``
     samples, fewer (at least one) of grids larger than ``_REFERENCE_VOXELS``."""
     shape = shapes[int(torch.randint(len(shapes), (), generator=g))]
@@ -565,7 +566,8 @@ def _draw_batch(anatomies, stacks, batch, g, real_fraction, spacing_mm, shapes):
     parts = []
     if batch - real > 0:
         anatomy = anatomies[int(torch.randint(len(anatomies), (), generator=g))]
-        parts.append(composite_samples(anatomy, shape, batch - real, g, spacing_mm))
+        parts.append(composite_samples(anatomy, shape, batch - real, g, spacing_mm,
+                                       shape_variation=shape_variation))
     for _ in range(real):
         stack = stacks[int(torch.randint(len(stacks), (), generator=g))]
         parts.append(stack_samples(stack, shape, 1, g, spacing_mm))
@@ -574,13 +576,13 @@ def _draw_batch(anatomies, stacks, batch, g, real_fraction, spacing_mm, shapes):
     return normalise_intensities(image[:, 0])[:, None], target
 
 
-def _synthetic_validation(anatomies, count, seed, spacing_mm):
+def _synthetic_validation(anatomies, count, seed, spacing_mm, shape_variation=False):
     """Fixed synthetic validation batches (normalised images, targets) on 64^3 grids."""
     g = torch.Generator().manual_seed(seed + 7919)
     batches = []
     for k in range(count):
         sample = composite_samples(anatomies[k % len(anatomies)], (64, 64, 64), 1, g,
-                                   spacing_mm)
+                                   spacing_mm, shape_variation=shape_variation)
         batches.append((normalise_intensities(sample["image"][:, 0])[:, None],
                         sample["target"]))
     return batches
@@ -618,7 +620,8 @@ def train_segmenter(anatomies, fetal_train=(), fetal_val=(), minutes: float = 30
                     real_fraction: float = 0.2, widths=(8, 16, 32, 64),
                     spacing_mm: float = SPACING_MM, shapes=GRID_SHAPES,
                     validate_every_s: float = 150.0, synthetic_validation: int = 12,
-                    log_every_s: float = 30.0, initial_state: dict | None = None):
+                    log_every_s: float = 30.0, initial_state: dict | None = None,
+                    shape_variation: bool = False):
     """Train a BrainUNet from scratch; returns (best model on the CPU, summary dict).
 
     anatomies: list of Anatomy; fetal_train, fetal_val: lists of LabelledStack (real stacks
@@ -627,6 +630,8 @@ def train_segmenter(anatomies, fetal_train=(), fetal_val=(), minutes: float = 30
         and no time limit reached, a run is exactly reproducible for a seed: sampling, the
         initial weights and the data order all come from ``seed``).
     initial_state: optional state_dict (same ``widths``) to continue training from.
+    shape_variation: stretch and warp the synthetic brains (``composite_samples``), in
+        training and in the synthetic validation.
     The learning rate decays by cosine over the budget (steps when ``max_steps`` is given,
     else wall time). ``progress`` receives one line per ~``log_every_s`` seconds and per
     validation. The model kept is the one with the best validation score (mean of the
@@ -641,7 +646,8 @@ def train_segmenter(anatomies, fetal_train=(), fetal_val=(), minutes: float = 30
     model = model.to(device)
     fetal_train, fetal_val = list(fetal_train), list(fetal_val)
     synthetic = [(x.to(device), y.to(device)) for x, y in
-                 _synthetic_validation(anatomies, synthetic_validation, seed, spacing_mm)]
+                 _synthetic_validation(anatomies, synthetic_validation, seed, spacing_mm,
+                                       shape_variation)]
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     budget = minutes * 60.0
     start = time.monotonic()
@@ -672,7 +678,7 @@ def train_segmenter(anatomies, fetal_train=(), fetal_val=(), minutes: float = 30
         for group in optimizer.param_groups:
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(fraction, 1))))
         image, target = _draw_batch(anatomies, fetal_train, batch, g, real_fraction,
-                                    spacing_mm, shapes)
+                                    spacing_mm, shapes, shape_variation)
         logits = model(image.to(device))
         loss = segmentation_loss(logits, target.to(device))
         optimizer.zero_grad()
@@ -698,6 +704,7 @@ def train_segmenter(anatomies, fetal_train=(), fetal_val=(), minutes: float = 30
         "steps": steps, "seconds": round(time.monotonic() - start, 1), "batch": batch,
         "learning_rate": lr, "seed": seed, "device": str(device), "real_fraction":
         real_fraction if fetal_train else 0.0, "grid_shapes": [list(s) for s in shapes],
+        "shape_variation": shape_variation,
         "spacing_mm": spacing_mm, "widths": list(widths),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_stacks": [s.name for s in fetal_train], "val_stacks": [s.name for s in fetal_val],
