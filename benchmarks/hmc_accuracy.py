@@ -493,12 +493,14 @@ def evaluate(regime, case, methods, repeats=1):
                       n_volumes)]
     for name, method in methods.items():
         try:
-            transforms, seconds = None, np.inf
-            for _ in range(repeats):
+            timings = []
+            for run in range(repeats):
                 start = time.perf_counter()
                 found = method(case)
-                seconds = min(seconds, time.perf_counter() - start)
-                transforms = found if transforms is None else transforms
+                timings.append(time.perf_counter() - start)
+                if run == 0:
+                    transforms = found
+            seconds = min(timings)
         except Exception as err:  # noqa: BLE001 - a method that raises is a result here
             rows.append([regime, METHOD_LABELS[name], "-", "-", f"raised {type(err).__name__}",
                          "-", str(len(moved))])

@@ -132,9 +132,9 @@ percentile of the non-zero voxels, on an isotropic {summary["spacing_mm"]:g} mm 
 with the image axes and covering its field of view; output: brain probability, mapped back to \
 the native grid (trilinear), thresholded at 0.5, largest component, holes filled.
 - **Data:** {summary["anatomy"]}, as synthetic composites: brain scaled 0.35-0.85 (fetal) or \
-0.9-1.1 (adult), any rotation, {variation}random tissue contrasts, \
-inside random shells (CSF, skull, fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias field, \
-thick slices, per-slice brain motion, noise, field-of-view cuts. Real stacks with manual \
+0.9-1.1 (adult), any rotation, {variation}random tissue contrasts, inside random shells \
+(CSF, skull, fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias \
+field, thick slices, per-slice brain motion, noise, field-of-view cuts. Real stacks with manual \
 masks used for training ({summary["real_fraction"]:.0%} of the samples, augmented): \
 {", ".join(summary["train_stacks"]) or "none"}. Held out for validation and model selection: \
 {", ".join(summary["val_stacks"]) or "none"}.

@@ -159,7 +159,7 @@ class Segment(SimpleInterface):
                 segment, self.inputs.device, fitting_chunk(self.inputs.device, img.shape, 4),
                 cpu_chunk_size=4)
         else:
-            workers = max(self.inputs.num_threads, 1)
+            workers = self.inputs.num_threads  # parallel.thread_count: at least one
 
             def segment(device, chunk):
                 masks = brain_mask_on(vols, _voxel_size(img), device, chunk, workers)
@@ -219,7 +219,7 @@ class ShapeMap(SimpleInterface):
         # On a GPU the two nearest-voxel transforms hold about 32 float32 values per voxel.
         dist = run_with_memory_fallback(
             lambda device, chunk: signed_distance_on(volumes, _voxel_size(img), device, chunk,
-                                                     max(self.inputs.num_threads, 1)),
+                                                     self.inputs.num_threads),
             self.inputs.device,
             fitting_chunk(self.inputs.device, img.shape, 64, floats_per_voxel=32))
         dist = np.moveaxis(dist, 0, -1) if masks.ndim == 4 else dist[0]

@@ -400,7 +400,7 @@ def composite_samples(anatomy: Anatomy, shape, batch: int, g: torch.Generator,
     shape = tuple(int(n) for n in shape)
     size_mm = torch.tensor(shape, dtype=f64) * spacing_mm
     random_pose = transforms is None
-    if transforms is None:
+    if random_pose:
         adult = torch.rand(batch, generator=g) < 0.35
         scales = torch.where(adult, _uniform(g, 0.9, 1.1, (batch,)),
                              _uniform(g, 0.35, 0.85, (batch,)))
