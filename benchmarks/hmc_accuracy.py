@@ -54,7 +54,10 @@ Methods:
 - ``unimo-no-network``: the same, ``network=None`` (classical refinement from the identity).
 - ``unimo-tracked``: the moving-anatomy mode (``tracking.track_moving_anatomy``): registration
   inside the reference mask shrunk by 2.5 mm, the mask tracked through the series and checked
-  against each volume's mask (the manual ones with ``--manual-fetal-mask``).
+  against each volume's mask. As the app's ``--moving-anatomy`` (``--seg-model auto``), the
+  reference's and every volume's masks come from the packaged segmenter
+  (``segnet.segment_with_model``, timed; loaded once, untimed); ``--seg-model classical`` gives
+  the classical masks, ``--manual-fetal-mask`` the manual ones.
 - ``ants``: antspyx ``ants.motion_correction(series, fixed=volume 0,
   type_of_transform='BOLDRigid')`` (Mattes MI, centre-of-mass start, 2 levels, no mask unless
   ``--manual-fetal-mask``); timed as a whole, which includes antspyx's resampling of every volume
@@ -121,11 +124,13 @@ from unimo_bids.unimo.geometry import (  # noqa: E402
 from unimo_bids.unimo.hmc import estimate_head_motion  # noqa: E402
 from unimo_bids.unimo.network import load_network  # noqa: E402
 from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
+from unimo_bids.unimo.segnet import load_segmenter, segment_with_model  # noqa: E402
 from unimo_bids.unimo.shape import signed_distance  # noqa: E402
 from unimo_bids.unimo.synthetic import random_rigid_motions, simulate_series  # noqa: E402
 from unimo_bids.unimo.tracking import track_moving_anatomy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGED_SEGMENTER = REPO / "unimo_bids" / "data" / "weights" / "unimo_segmenter_cpu.pt"
 FAIL_MM = 5.0
 NOISE = 0.01
 CHECK_TOLERANCE_MM = 0.5
@@ -315,17 +320,23 @@ def run_unimo(case, network, refine, device, use_manual):
     return result.transforms
 
 
-def run_unimo_tracked(case, network, device, use_manual):
-    """The moving-anatomy mode: register inside the reference mask, track it (the manual masks
-    with ``--manual-fetal-mask``, else the classical ones)."""
+def run_unimo_tracked(case, network, device, use_manual, segmenter=None):
+    """The moving-anatomy mode as the app runs it: every volume's mask and the reference's from
+    the trained segmenter (``--seg-model auto``: the packaged one), or the classical masks
+    (``--seg-model classical``); register inside the reference mask and track it. With
+    ``--manual-fetal-mask`` the manual masks instead."""
+    volumes = np.ascontiguousarray(np.moveaxis(case.series, -1, 0))
     if use_manual and case.manual_masks is not None:
         masks = np.ascontiguousarray(np.moveaxis(case.manual_masks, -1, 0))
+        ref_mask = case.manual_mask
+    elif segmenter is not None:
+        masks = segment_with_model(segmenter, volumes, case.affine, device=device)
+        ref_mask = masks[0]  # the reference is volume 0
     else:
-        masks = brain_mask(np.ascontiguousarray(np.moveaxis(case.series, -1, 0)),
-                           voxel_sizes(case.affine))
-    return track_moving_anatomy(case.series, case.affine, case.series[..., 0],
-                                reference_mask_of(case, use_manual), masks, network=network,
-                                device=device).transforms
+        masks = brain_mask(volumes, voxel_sizes(case.affine))
+        ref_mask = reference_mask_of(case, use_manual)
+    return track_moving_anatomy(case.series, case.affine, case.series[..., 0], ref_mask, masks,
+                                network=network, device=device).transforms
 
 
 def to_ants_series(series, affine):
@@ -414,6 +425,14 @@ METHOD_LABELS = {
 NETWORK_METHODS = ("unimo", "unimo-no-refine", "unimo-tracked")
 
 
+def load_tracking_segmenter(args):
+    """The segmenter of the moving-anatomy rows (None: classical masks), loaded untimed."""
+    if args.seg_model == "classical" or "unimo-tracked" not in args.methods:
+        return None
+    path = PACKAGED_SEGMENTER if args.seg_model == "auto" else Path(args.seg_model)
+    return load_segmenter(path, args.device)[0]
+
+
 def make_methods(names, args):
     """{name: callable(Case) -> transforms}; the network is loaded once (untimed)."""
     network = None
@@ -428,7 +447,8 @@ def make_methods(names, args):
         "unimo-no-refine": partial(unimo, network=network, refine=False),
         "unimo-no-network": partial(unimo, network=None, refine=True),
         "unimo-tracked": partial(run_unimo_tracked, network=network, device=args.device,
-                                 use_manual=args.manual_fetal_mask),
+                                 use_manual=args.manual_fetal_mask,
+                                 segmenter=load_tracking_segmenter(args)),
         "ants": partial(run_ants, seed=args.seed, use_manual=args.manual_fetal_mask),
         "sitk": partial(run_sitk, use_manual=args.manual_fetal_mask),
     }
@@ -548,6 +568,10 @@ def parse_args(argv):
                              "the reference instead of the engine's computed mask (ANTs "
                              "otherwise uses none), and unimo the manual mask moved with each "
                              "volume for its shape maps (an oracle segmentation)")
+    parser.add_argument("--seg-model", default="auto", metavar="PATH",
+                        help="masks of the moving-anatomy rows, as the app's --seg-model: "
+                             "'auto' (default) the packaged segmenter, 'classical', or a "
+                             "segmenter file")
     parser.add_argument("--quick", action="store_true", help="4 volumes per series (smoke run)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method per series: errors from the first, s / "
@@ -595,7 +619,8 @@ def library_line(args):
     if torch.device(device).type == "cuda":
         device += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return ", ".join(parts + [f"{args.threads} threads (torch, ITK)", f"unimo device {device}",
-                              f"weights {args.weights or 'packaged'}"])
+                              f"weights {args.weights or 'packaged'}"]
+                 + ([f"segmenter {args.seg_model}"] if "unimo-tracked" in args.methods else []))
 
 
 def main(argv=None) -> int:

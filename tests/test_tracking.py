@@ -8,6 +8,8 @@ on a 4 mm grid.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import nibabel as nb
@@ -200,13 +202,20 @@ def test_moving_anatomy_through_the_cli(tmp_path, fetal_dataset, moving_brain, c
     out = tmp_path / "out"
     code = main([str(root), str(out), "participant", "--moving-anatomy", "--derivatives",
                  str(root.parent / "masks"), "--seg-model", "classical", "--nprocs", "1",
-                 "--omp-nthreads", "1", "-w", str(tmp_path / "work"), "--template", "none"])
+                 "--omp-nthreads", "1", "-w", str(tmp_path / "work"), "--template", "none",
+                 "--write-volume-masks"])
     assert code == 0, capsys.readouterr().err
     prefix = out / relative.replace("_bold.nii.gz", "")
     tracked = nb.load(f"{prefix}_desc-tracked_mask.nii.gz")
     assert tracked.shape == masks.shape[1:] + (len(masks),)
     tracked_masks = np.moveaxis(np.asarray(tracked.dataobj) > 0, -1, 0)
     assert dice(tracked_masks, masks)[1:].min() > 0.9
+    # every volume's own (classical) segmentation, beside the tracked masks
+    segmented = nb.load(f"{prefix}_desc-segmented_mask.nii.gz")
+    assert segmented.shape == tracked.shape and np.asarray(segmented.dataobj).any()
+    for name in ("tracked", "segmented"):
+        sidecar = json.loads(Path(f"{prefix}_desc-{name}_mask.json").read_text())
+        assert sidecar["Type"] == "Brain" and sidecar["Sources"] == [f"bids:raw:{relative}"]
     used = np.asarray(nb.load(f"{prefix}_desc-brain_mask.nii.gz").dataobj) > 0
     assert np.array_equal(used, masks[0])  # the derivatives' mask, on the first volume
     from nitransforms.linear import load as load_xfm
@@ -267,6 +276,8 @@ def test_trained_segmenter_through_the_cli(tmp_path, fetal_dataset, moving_brain
     prefix = out / relative.replace("_bold.nii.gz", "")
     confounds = pd.read_csv(f"{prefix}_desc-confounds_timeseries.tsv", sep="\t")
     assert confounds["mask_agreement"].notna().all()
+    # without --write-volume-masks the per-volume masks stay in the work directory
+    assert not list(out.rglob("*desc-tracked_mask*")) and not list(out.rglob("*segmented*"))
     assert "U-Net" in (out / "logs" / "CITATION.md").read_text()
     from nitransforms.linear import load as load_xfm
 

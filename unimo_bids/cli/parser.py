@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "with unimo-bids, trained for fetal MRI), or 'classical' (weight-free "
                             "masks); 'auto' (default): packaged with --moving-anatomy, "
                             "classical otherwise")
+    g_seg.add_argument("--write-volume-masks", action="store_true",
+                       help="also write each volume's brain mask (4D, in the volume's own "
+                            "position): desc-segmented_mask, and with --moving-anatomy "
+                            "desc-tracked_mask; otherwise they stay in the work directory")
     g_seg.add_argument("--template", default="auto", metavar="ID",
                        help="TemplateFlow template whose brain mask checks the reference mask, "
                             "read offline from TEMPLATEFLOW_HOME; 'auto' uses "

@@ -59,6 +59,7 @@ class WorkflowOptions:
     weights: str | None = None
     refine: bool = True
     moving_anatomy: bool = False
+    write_volume_masks: bool = False
     deformable: bool = False
     deform_weights: str | None = None
     deform_predictor: bool = False
@@ -127,7 +128,7 @@ Retraining". Framewise displacement: Power et al., 2012, NeuroImage 59(3). DVARS
             dvars_spike_threshold=options.dvars_spike_threshold, device=options.device,
             omp_nthreads=options.omp_nthreads, seed=options.seed, weights=options.weights,
             refine=options.refine, moving_anatomy=options.moving_anatomy,
-            ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
+            write_volume_masks=options.write_volume_masks, ref_mask=run.ref_mask, seg_model=options.seg_model, template=options.template,
             template_home=options.template_home, deformable=options.deformable,
             deform_weights=options.deform_weights, deform_predictor=options.deform_predictor,
             suffix=run.suffix, reference_candidates=run.reference_candidates,

@@ -38,8 +38,24 @@ def series_outputs(suffix: str = "bold") -> dict[str, tuple[str, str]]:
     }
 
 
-# Extra outputs of the moving-anatomy (tracked) mode.
+# Per-volume masks (4D, each volume's mask in its own position, on the series' grid), written
+# with --write-volume-masks: every volume's segmentation, and the tracked masks of the
+# moving-anatomy mode (the reference mask carried by each volume's transform).
+SEGMENTED_MASKS = {"desc-segmented_mask.nii.gz": ("segment", "out_masks")}
 TRACKED_OUTPUTS = {"desc-tracked_mask.nii.gz": ("unimo_rigid", "out_masks")}
+VOLUME_MASK_SIDECARS = {
+    "desc-segmented_mask.json": {
+        "Type": "Brain", "Description": "4D: the brain mask of each volume, segmented on its own "
+                                        "(before motion correction, in the volume's position)"},
+    "desc-tracked_mask.json": {
+        "Type": "Brain", "Description": "4D: the reference brain mask carried to each volume by "
+                                        "its estimated transform (moving-anatomy mode)"},
+}
+
+
+def volume_mask_outputs(moving_anatomy: bool) -> dict[str, tuple[str, str]]:
+    """The per-volume mask outputs of --write-volume-masks."""
+    return dict(SEGMENTED_MASKS, **(TRACKED_OUTPUTS if moving_anatomy else {}))
 
 
 def deform_outputs(suffix: str = "bold") -> dict[str, tuple[str, str]]:
@@ -87,9 +103,11 @@ def estimate_mem_gb(bold_file: str) -> float:
     return 0.5 if size is None else max(size, 0.05)
 
 
-def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None, suffix="bold"):
+def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None, suffix="bold",
+                     extra=None):
     """JSON sidecars of the preprocessed series and, after a template check, of the brain mask
-    (a nipype Function: imports inside). A repetition time of 0 (unknown, allowed for DWI and
+    (a nipype Function: imports inside); ``extra``: further name -> metadata (the per-volume
+    masks'), each given the source. A repetition time of 0 (unknown, allowed for DWI and
     PET) is left out."""
     import json
 
@@ -98,6 +116,8 @@ def _preproc_sidecar(repetition_time, source_uri, metadata, mask_report=None, su
     if repetition_time:
         sidecar["RepetitionTime"] = repetition_time
     sidecars = {f"desc-preproc_{suffix}.json": sidecar}
+    for name, values in (extra or {}).items():
+        sidecars[name] = dict(values, Sources=[source_uri])
     if mask_report:
         with open(mask_report) as handle:
             report = json.load(handle)
@@ -170,6 +190,7 @@ def init_series_wf(
     weights: str | None = None,
     refine: bool = True,
     moving_anatomy: bool = False,
+    write_volume_masks: bool = False,
     ref_mask: str | None = None,
     seg_model: str | None = None,
     template: str | None = None,
@@ -189,7 +210,10 @@ def init_series_wf(
     Workflow graph: validate -> reference -> segment (mask per volume) [-> template check of
     the reference mask] -> shape maps -> UniMo rigid -> one resampling -> confounds and tSNR
     -> reportlets -> derivatives. With ``moving_anatomy`` the rigid step registers inside the
-    reference mask only and tracks it through the series (its masks are written too).
+    reference mask only and tracks it through the series.
+
+    write_volume_masks: also write the per-volume masks (``volume_mask_outputs``); otherwise
+        they stay in the work directory.
 
     ref_mask: the user's mask of the reference volume (replaces the segmented one; not
         checked against the template).
@@ -294,7 +318,7 @@ volume ({ref}). {masks}{network}{refinement}
     sidecar = pe.Node(
         niu.Function(function=_preproc_sidecar, input_names=["repetition_time", "source_uri",
                                                               "metadata", "mask_report",
-                                                              "suffix"],
+                                                              "suffix", "extra"],
                      output_names=["sidecars"]),
         name="sidecar")
     sidecar.inputs.suffix = suffix
@@ -303,7 +327,10 @@ volume ({ref}). {masks}{network}{refinement}
                                if k in ("TaskName", "SliceTiming", "EchoTime",
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
-    outputs = dict(series_outputs(suffix), **(TRACKED_OUTPUTS if moving_anatomy else {}),
+    volume_masks = volume_mask_outputs(moving_anatomy) if write_volume_masks else {}
+    sidecar.inputs.extra = {name.replace(".nii.gz", ".json"): VOLUME_MASK_SIDECARS[
+        name.replace(".nii.gz", ".json")] for name in volume_masks}
+    outputs = dict(series_outputs(suffix), **volume_masks,
                    **(deform_outputs(suffix) if deformable else {}),
                    **(GRADIENT_OUTPUTS if gradients else {}))
     figures = series_figures(suffix)
