@@ -355,7 +355,8 @@ def run_participant(args) -> int:
         omp_nthreads=omp_nthreads, seed=args.random_seed,
         weights=str(args.weights.resolve()) if args.weights else None, refine=args.refine,
         moving_anatomy=args.moving_anatomy, write_volume_masks=args.write_volume_masks,
-        deformable=args.deformable, deform_weights=str(args.deform_weights.resolve()) if args.deform_weights else None,
+        deformable=args.deformable,
+        deform_weights=str(args.deform_weights.resolve()) if args.deform_weights else None,
         deform_predictor=bool(args.deform_predictor or args.deform_weights),
         seg_model=str(seg_model) if seg_model else None,
         template=template, template_home=template_home)
