@@ -37,7 +37,8 @@ volume):
 With ``--moved-reference`` the small and large regimes move volume 0 too (under 2 deg and 1.7 mm
 per axis): in the default series the reference is the volume as acquired and only the others
 are resampled, which smooths them a little; real volumes are all as acquired. ``--finest
-SPACING SMOOTHING`` swaps the refinement's finest level (the sweep behind ``hmc.py``'s choice).
+SPACING SMOOTHING`` swaps the refinement's finest level (the sweep behind ``hmc.py``'s choice);
+``--level-tolerances C M F`` its stopping tolerances per level (``hmc.LEVEL_TOLERANCES_MM``).
 
 Each moved image comes from the still one by a single cubic spline interpolation
 (``synthetic.simulate_series``): volume t shows the image at ``motions[t] @ x`` for a grid point
@@ -213,14 +214,26 @@ def large_case(root, n_volumes, rng, **options):
 def set_finest_level(spacing_factor, smoothing):
     """Replace the refinement's finest level (benchmark only: the sweep behind hmc.py's
     FINEST_SPACING and FINEST_SMOOTHING)."""
+    from dataclasses import replace
+
     from unimo_bids.unimo import hmc
-    from unimo_bids.unimo.register import Level
 
     for name in ("IMAGE_SHAPE_LEVELS", "IMAGE_LEVELS"):
         levels = getattr(hmc, name)
-        finest = levels[-1]
-        setattr(hmc, name, levels[:-1] + (Level(spacing_factor, finest.iterations,
-                                                finest.channel_weights, smoothing),))
+        setattr(hmc, name, levels[:-1] + (replace(levels[-1], spacing_factor=spacing_factor,
+                                                  smoothing=smoothing, min_points=0),))
+
+
+def set_level_tolerances(tolerances):
+    """Replace the refinement's per-level stopping tolerances (mm), coarse to fine (benchmark
+    only: the comparison behind hmc.py's LEVEL_TOLERANCES_MM)."""
+    from dataclasses import replace
+
+    from unimo_bids.unimo import hmc
+
+    for name in ("IMAGE_SHAPE_LEVELS", "IMAGE_LEVELS"):
+        setattr(hmc, name, tuple(replace(level, tolerance=tolerance) for level, tolerance
+                                 in zip(getattr(hmc, name), tolerances)))
 
 
 def any_rotation_case(root, n_volumes, rng, voxel_mm=4.0, size=60, max_mm=10.0):
@@ -492,7 +505,9 @@ def fmt_mm(value):
 
 def score_row(regime, label, errors, seconds, n_volumes):
     fails = int(np.sum(errors > FAIL_MM))
-    speed = "-" if seconds is None else f"{seconds / n_volumes:.2f}"
+    # three digits below 0.1 s: the speed ratios to antspyx are read from this column
+    speed = "-" if seconds is None else (f"{seconds / n_volumes:.3f}" if seconds < 0.1 * n_volumes
+                                         else f"{seconds / n_volumes:.2f}")
     return [regime, label, fmt_mm(float(np.mean(errors))), fmt_mm(float(np.max(errors))),
             f"{fails}/{len(errors)}", speed, str(len(errors))]
 
@@ -529,7 +544,7 @@ def evaluate(regime, case, methods, repeats=1):
         errors = mean_displacement(transforms, case.truth, case.points)[moved]
         rows.append(score_row(regime, METHOD_LABELS[name], errors, seconds, n_volumes))
         print(f"{regime}, {METHOD_LABELS[name]}: errors (mm) {np.round(errors, 2).tolist()}, "
-              f"{seconds:.1f} s", file=sys.stderr, flush=True)
+              f"{seconds:.2f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -582,6 +597,10 @@ def parse_args(argv):
     parser.add_argument("--finest", type=float, nargs=2, metavar=("SPACING", "SMOOTHING"),
                         help="replace the refinement's finest level: grid spacing factor and "
                              "band-limit factor (the app uses 1.25 1.3)")
+    parser.add_argument("--level-tolerances", type=float, nargs=3, metavar=("COARSE", "MIDDLE",
+                                                                           "FINEST"),
+                        help="replace the refinement's stopping tolerances per level (mm; the "
+                             "app uses 0.05 0.01 0.002)")
     parser.add_argument("--write", type=Path, default=None,
                         help="also write the results as a section of this markdown file "
                              "(replacing an earlier one)")
@@ -637,6 +656,8 @@ def main(argv=None) -> int:
 
     if args.finest:
         set_finest_level(*args.finest)
+    if args.level_tolerances:
+        set_level_tolerances(args.level_tolerances)
     cases = {}
     for name in args.regimes:
         rng = np.random.default_rng([args.seed, list(REGIMES).index(name)])

@@ -333,17 +333,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "overlap" in capsys.readouterr().err
 
 
-def test_cli_trains_with_shape_variation_and_says_so(tmp_path):
-    """A few seconds of unimo-bids-train-seg --shape-variation: the segmenter loads, and its
-    record and model card say the brains were stretched and warped."""
+def test_cli_trains_with_shape_variation_and_large_fields_and_says_so(tmp_path):
+    """A few seconds of unimo-bids-train-seg --shape-variation --large-fields: the segmenter
+    loads, and its record and model card say the brains were stretched and warped and which
+    grids it was trained on."""
     from unimo_bids.cli.train_seg import main
+    from unimo_bids.unimo.seg_training import GRID_SHAPES, LARGE_GRID_SHAPES
 
     out = tmp_path / "seg.pt"
-    assert main([str(out), "--minutes", "0.05", "--nthreads", "1", "--shape-variation"]) == 0
+    assert main([str(out), "--minutes", "0.05", "--nthreads", "1", "--shape-variation",
+                 "--large-fields"]) == 0
     _, metadata = load_segmenter(out)
-    assert metadata["shape_variation"] is True
+    assert metadata["shape_variation"] is True and metadata["large_fields"] is True
+    assert [tuple(shape) for shape in metadata["grid_shapes"]] == list(
+        GRID_SHAPES + LARGE_GRID_SHAPES)
     card = (tmp_path / "seg.md").read_text()
     assert "`--shape-variation`" in card and "stretched and warped" in card
+    assert "up to 96x96x96 working voxels (`--large-fields`)" in card
 
 
 # --------------------------------------------------------------------------------------------

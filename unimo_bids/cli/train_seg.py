@@ -115,6 +115,9 @@ def model_card(summary: dict, output: str) -> str:
                  "field of up to 5 % of their size (`--shape-variation`), "
                  if summary.get("shape_variation") else "")
     stretched = ", stretched and warped" if summary.get("shape_variation") else ""
+    largest = max(summary["grid_shapes"], key=lambda shape: int(np.prod(shape)))
+    fields = (f"; training grids of up to {'x'.join(map(str, largest))} working voxels "
+              "(`--large-fields`)" if summary.get("large_fields") else "")
     return f"""# Brain segmenter: `{Path(output).name}`
 
 Made with unimo-bids {summary["unimo_bids_version"]} on {summary["date"]} \
@@ -134,8 +137,8 @@ the native grid (trilinear), thresholded at 0.5, largest component, holes filled
 - **Data:** {summary["anatomy"]}, as synthetic composites: brain scaled 0.35-0.85 (fetal) or \
 0.9-1.1 (adult), any rotation, {variation}random tissue contrasts, inside random shells \
 (CSF, skull, fluid rim or scalp) and a static random "maternal" texture or air; gamma, bias \
-field, thick slices, per-slice brain motion, noise, field-of-view cuts. Real stacks with manual \
-masks used for training ({summary["real_fraction"]:.0%} of the samples, augmented): \
+field, thick slices, per-slice brain motion, noise, field-of-view cuts{fields}. Real stacks \
+with manual masks used for training ({summary["real_fraction"]:.0%} of the samples, augmented): \
 {", ".join(summary["train_stacks"]) or "none"}. Held out for validation and model selection: \
 {", ".join(summary["val_stacks"]) or "none"}.
 - **Training (this run):** {summary["steps"]} Adam steps of up to {summary["batch"]} samples \
@@ -192,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stretch each axis of the synthetic brains by 0.88-1.12 and warp "
                              "most by a smooth random field of up to 5 %% of their size "
                              "(off by default: the packaged segmenter was trained without)")
+    parser.add_argument("--large-fields", action="store_true",
+                        help="also train on whole-body cubes of 96^3 and 108x108x72 working "
+                             "voxels (288-324 mm), as stacks resampled onto large isotropic "
+                             "grids look (off by default: the packaged segmenter was trained "
+                             "without)")
     parser.add_argument("--init", help="continue training from this segmenter (TorchScript "
                         "file written by this command) instead of random weights")
     parser.add_argument("--eval", nargs=2, action="append", default=[],
@@ -225,7 +233,7 @@ def main(argv=None) -> int:
     except RuntimeError:
         return _fail(f"--device {args.device}: not a torch device")
 
-    from ..unimo.seg_training import train_segmenter
+    from ..unimo.seg_training import GRID_SHAPES, LARGE_GRID_SHAPES, train_segmenter
     from ..unimo.segnet import load_segmenter, save_segmenter
     from .train import mni_anatomy
 
@@ -252,6 +260,7 @@ def main(argv=None) -> int:
             [anatomy], train_stacks, val_stacks, minutes=args.minutes, batch=args.batch,
             lr=args.learning_rate, seed=args.seed, device=args.device, progress=progress,
             real_fraction=args.real_fraction, shape_variation=args.shape_variation,
+            shapes=GRID_SHAPES + (LARGE_GRID_SHAPES if args.large_fields else ()),
             initial_state=initial.state_dict() if initial is not None else None,
             **({"widths": previous["widths"], "spacing_mm": previous["spacing_mm"]}
                if previous else {}))
@@ -270,6 +279,7 @@ def main(argv=None) -> int:
         "command": f"{PROG} " + " ".join(argv), "unimo_bids_version": __version__,
         "torch_version": str(torch.__version__), "date": datetime.date.today().isoformat(),
         "threads": torch.get_num_threads(), "comparison": comparison,
+        "large_fields": args.large_fields,
         "anatomy": "nilearn's MNI152 2009 template (GM/WM/CSF maps and brain mask, 2 mm)"})
     if previous:  # keep the whole chain: the card must say how the weights were made
         summary["continued_from"] = {key: previous.get(key) for key in (

@@ -29,6 +29,8 @@ class Level:
         level's own (1: for the level's grid).
     min_points: when the level's grid holds fewer weighted points than this, the level uses
         the finest voxel grid (spacing factor 1) instead.
+    tolerance: this level's stopping tolerance (mm, as ``register_rigid``'s), or None for
+        ``register_rigid``'s: a level that a finer one follows need not converge as tightly.
     """
 
     spacing_factor: float
@@ -36,6 +38,7 @@ class Level:
     channel_weights: tuple = (1.0,)
     smoothing: float = 1.0
     min_points: int = 0
+    tolerance: float | None = None
 
 
 DEFAULT_LEVELS = (Level(4.0, 30), Level(2.0, 20), Level(1.0, 12))
@@ -200,7 +203,7 @@ def register_rigid(
         None weighs every voxel equally.
     init: (B, 4, 4) initial transforms (world fixed -> world moving); identity when None.
     levels: coarse-to-fine ``Level``s. tolerance: stop when every update moves points by less
-        than this many mm (rotation measured at 50 mm).
+        than this many mm (rotation measured at 50 mm), at the levels without their own.
     intensity_bins: 0 fits moving = gain * fixed + offset per volume and channel; n > 0 fits
         any function of the fixed intensity instead (piecewise linear through the moving
         volume's mean in n quantile bins of the fixed intensity, as the correlation ratio),
@@ -254,6 +257,7 @@ def register_rigid(
         median_stride = max(1, fixed_values.shape[1] // MEDIAN_POINTS)
         channel_weight = (weights_c / scale ** 2)[None, :, None]
         jac = jacobian.to(fixed.dtype)  # (C, N, 6)
+        level_tolerance = tolerance if level.tolerance is None else level.tolerance
         active = torch.ones(batch, dtype=torch.bool, device=device)
         used.zero_()
         gathered, gathered_idx = moving_level, None  # the active volumes, re-gathered on change
@@ -326,6 +330,6 @@ def register_rigid(
             overlap[idx] = (weight.sum(-1) / base_weight.sum().clamp_min(1e-12)).to(
                 torch.float64)
             motion = step[:, :3].norm(dim=-1) * 50.0 + step[:, 3:].norm(dim=-1)
-            active[idx] = motion > tolerance
+            active[idx] = motion > level_tolerance
     return RigidResult(transforms.cpu().numpy(), residual.cpu().numpy(), used.cpu().numpy(),
                        overlap.cpu().numpy())

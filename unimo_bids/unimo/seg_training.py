@@ -59,6 +59,7 @@ from .training import Anatomy, random_deformations
 
 __all__ = [
     "GRID_SHAPES",
+    "LARGE_GRID_SHAPES",
     "LabelledStack",
     "composite_samples",
     "dice",
@@ -74,6 +75,10 @@ __all__ = [
 # trained on small crops only segments much worse on a whole stack.
 GRID_SHAPES = ((56, 56, 56), (64, 64, 40), (80, 80, 24), (72, 72, 72), (96, 96, 40),
                (120, 120, 24), (112, 96, 32))
+# Added by ``--large-fields``: whole-body cubes (288-324 mm), as a stack resampled onto a large
+# isotropic grid shows it (the slab a quarter of its height, empty space above and below; the
+# packaged segmenter loses 0.06-0.09 Dice there, docs/benchmarks.md section 17).
+LARGE_GRID_SHAPES = ((96, 96, 96), (108, 108, 72))
 # Shape variation of the synthetic brains (``composite_samples``): per-axis stretch range, and
 # the share of samples deformed by a smooth random field of up to this fraction of the brain's
 # size (about 150 mm for the adult anatomy, times the sample's scale): up to 7.5 mm for an
