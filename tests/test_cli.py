@@ -382,6 +382,30 @@ def test_multiproc_after_torch_in_the_same_process(tmp_path, mni_template):
     assert list((tmp_path / "out").rglob("*_desc-preproc_bold.nii.gz"))
 
 
+def test_workers_log_at_the_level_asked_for(tmp_path, mni_template):
+    """Through the installed command (its workers re-run the entry script): without -v no
+    nipype node log crosses the progress bar, with -v they are there."""
+    import shutil
+    import subprocess
+    import sys
+
+    command = shutil.which("unimo-bids", path=str(Path(sys.executable).parent)) or \
+        shutil.which("unimo-bids")
+    if command is None:
+        pytest.skip("the unimo-bids command is not installed")
+    rng = np.random.default_rng(3)
+    series, grid, _ = make_series(mni_template, rng, n_volumes=3, max_motion=1.0, voxel_mm=6.0)
+    write_dataset(tmp_path / "bids", {"sub-01/func/sub-01_task-a_bold.nii.gz": series}, grid)
+    for options, logged in (([], False), (["-v"], True)):
+        done = subprocess.run(
+            [command, str(tmp_path / "bids"), str(tmp_path / f"out{len(options)}"),
+             "participant", "-w", str(tmp_path / f"work{len(options)}"), "--nprocs", "2",
+             "--template", "none", *options], timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        printed = done.stdout + done.stderr  # nipype logs to stdout
+        assert ("nipype.workflow INFO" in printed) == logged, printed[-2000:]
+
+
 def test_too_many_dummy_scans_fail_the_series(tmp_path, mni_template, capsys):
     rng = np.random.default_rng(4)
     series, grid, _ = make_series(mni_template, rng, n_volumes=4, max_motion=1.0, voxel_mm=6.0)

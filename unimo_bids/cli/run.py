@@ -34,6 +34,7 @@ def _setup_logging(verbosity: int) -> None:
 
     # nipype's own tracebacks go to crash files; the summary below names each failure.
     level = {0: "CRITICAL", 1: "INFO"}.get(verbosity, "DEBUG")
+    os.environ["UNIMO_BIDS_NIPYPE_LOG_LEVEL"] = level  # for the workers (cli.worker_signals)
     config.update_config({"logging": {"workflow_level": level, "interface_level": level,
                                       "utils_level": level}})
     nlogging.update_logging(config)
