@@ -416,3 +416,23 @@ def test_too_many_dummy_scans_fail_the_series(tmp_path, mni_template, capsys):
     assert code == 1
     assert "sub-01_task-a_bold.nii.gz" in err and "--dummy-scans 3" in err
     assert not list((tmp_path / "out").rglob("*desc-preproc*"))
+
+
+def test_log_lines_follow_the_current_stderr(capsys):
+    """unimo-bids' log handler writes to sys.stderr as it is at each record, so a stream that
+    was redirected (and closed) when logging was set up does not swallow or break later
+    lines."""
+    import contextlib
+    import io
+
+    from unimo_bids.cli.run import LOGGER, _setup_logging
+
+    first = io.StringIO()
+    with contextlib.redirect_stderr(first):
+        _setup_logging(0)
+        LOGGER.info("first line")
+    assert "first line" in first.getvalue()
+    first.close()
+    LOGGER.info("second line")
+    err = capsys.readouterr().err
+    assert "second line" in err and "Logging error" not in err

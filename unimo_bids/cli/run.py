@@ -20,9 +20,25 @@ from .parser import DEFAULT_FD_SPIKE_THRESHOLD, UsageError, build_parser, read_o
 LOGGER = logging.getLogger("unimo_bids")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted: a stream bound once would
+    outlive a redirection (a caller's, or pytest's capture, closed after its test)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbosity: int) -> None:
     if not LOGGER.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s [unimo-bids] %(levelname)s: "
                                                "%(message)s", datefmt="%H:%M:%S"))
         LOGGER.addHandler(handler)
