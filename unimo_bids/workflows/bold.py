@@ -328,8 +328,8 @@ volume ({ref}). {masks}{network}{refinement}
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
     volume_masks = volume_mask_outputs(moving_anatomy) if write_volume_masks else {}
-    sidecar.inputs.extra = {name.replace(".nii.gz", ".json"): VOLUME_MASK_SIDECARS[
-        name.replace(".nii.gz", ".json")] for name in volume_masks}
+    mask_sidecars = [name.replace(".nii.gz", ".json") for name in volume_masks]
+    sidecar.inputs.extra = {name: VOLUME_MASK_SIDECARS[name] for name in mask_sidecars}
     outputs = dict(series_outputs(suffix), **volume_masks,
                    **(deform_outputs(suffix) if deformable else {}),
                    **(GRADIENT_OUTPUTS if gradients else {}))
