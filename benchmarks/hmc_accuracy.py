@@ -22,7 +22,8 @@ volume):
   uniform on SO(3) (``roma.random_rotmat``, seeded) about that centre, translations uniform in
   [-10, 10] mm per axis. Error points: the engine's mask of the unmoved, noise-free image (on a
   T1w it takes in some scalp).
-- fetal-like: the real fetal HASTE stack ``fetal/sub-01_run-1_T2w.nii.gz`` (1.125x1.125x3.3 mm)
+- fetal-like: the real fetal HASTE stack ``fetal/sub-01_run-1_T2w.nii.gz`` (``--fetal-run 2``:
+  run-2, which the packaged segmenter's training held out; 1.125x1.125x3.3 mm)
   and its manual brain mask, on a 2.5 mm RAS grid of 64^3 centred on the brain. Volume t =
   w_t * brain_t + (1 - w_t) * surroundings, where brain_t is the stack moved by the volume's
   motion (rotation angle uniform in [0, 45] deg about a uniformly random axis through the brain
@@ -587,6 +588,9 @@ def parse_args(argv):
                         help="masks of the moving-anatomy rows, as the app's --seg-model: "
                              "'auto' (default) the packaged segmenter, 'classical', or a "
                              "segmenter file")
+    parser.add_argument("--fetal-run", type=int, choices=(1, 2), default=1,
+                        help="fetal-like regime: the real stack to move (1; 2 is the one the "
+                             "packaged segmenter's training held out)")
     parser.add_argument("--quick", action="store_true", help="4 volumes per series (smoke run)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method per series: errors from the first, s / "
@@ -663,6 +667,8 @@ def main(argv=None) -> int:
         rng = np.random.default_rng([args.seed, list(REGIMES).index(name)])
         options = ({"moved_reference": True}
                    if args.moved_reference and name in ("small", "large") else {})
+        if name == "fetal":
+            options["run"] = args.fetal_run
         cases[name] = REGIMES[name](args.data, args.volumes, rng, **options)
     warm_up_methods(next(iter(cases.values())), methods)
 
