@@ -31,8 +31,8 @@ from .resample import resample, sample_points, voxel_map
 FINEST_SPACING, FINEST_SMOOTHING, FINEST_MIN_POINTS = 1.25, 1.3, 10_000
 # Stopping tolerances (mm moved by the last update) per level, coarse to fine. A level that a
 # finer one follows only has to hand over a start; the finest stops at 2 microns, far below the
-# errors (0.03-0.06 mm). Against 0.1 micron at every level: the same errors to 0.0001 mm on
-# section 8's series, 6-16 % less time (docs/benchmarks.md, section 17).
+# errors (0.03-0.06 mm). Against 0.1 micron at every level: the same errors (to the printed
+# 0.001 mm) on section 8's series, 6-16 % less time (docs/benchmarks.md, section 17).
 LEVEL_TOLERANCES_MM = (0.05, 0.01, 0.002)
 IMAGE_SHAPE_LEVELS = (
     Level(4.0, 30, (1.0, 1.0), tolerance=LEVEL_TOLERANCES_MM[0]),
