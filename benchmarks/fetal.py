@@ -80,6 +80,7 @@ from unimo_bids.unimo.geometry import mean_displacement, voxel_sizes, world_poin
 from unimo_bids.unimo.hmc import estimate_head_motion  # noqa: E402
 from unimo_bids.unimo.network import load_network  # noqa: E402
 from unimo_bids.unimo.segment import brain_mask, reference_mask  # noqa: E402
+from unimo_bids.unimo.segnet import PACKAGED_SEGMENTER  # noqa: E402
 from unimo_bids.unimo.synthetic import simulate_series  # noqa: E402
 from unimo_bids.unimo.shape import dice, signed_distance  # noqa: E402
 from unimo_bids.unimo.tracking import carry_mask, track_moving_anatomy  # noqa: E402
@@ -87,8 +88,6 @@ from unimo_bids.unimo.tracking import carry_mask, track_moving_anatomy  # noqa: 
 SECTION = "## 10. Fetal: a brain moving inside still surroundings (`fetal.py`)"
 MAX_DEG = 30.0
 MAX_MM = 10.0
-PACKAGED_SEGMENTER = (Path(__file__).resolve().parents[1] / "unimo_bids" / "data" / "weights"
-                      / "unimo_segmenter_cpu.pt")
 
 
 def body_texture(shape, voxel_mm, rng, smooth_mm=6.0):

@@ -91,7 +91,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -117,6 +117,7 @@ from _common import (  # noqa: E402
 from compare_ants import ants_matrix_ras, to_ants  # noqa: E402
 from rigid_accuracy import bold_scene  # noqa: E402
 
+from unimo_bids.cli.run import seg_model_path  # noqa: E402
 from unimo_bids.unimo.geometry import (  # noqa: E402
     mean_displacement,
     rigid_matrix,
@@ -132,7 +133,6 @@ from unimo_bids.unimo.synthetic import random_rigid_motions, simulate_series  # 
 from unimo_bids.unimo.tracking import track_moving_anatomy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGED_SEGMENTER = REPO / "unimo_bids" / "data" / "weights" / "unimo_segmenter_cpu.pt"
 FAIL_MM = 5.0
 NOISE = 0.01
 CHECK_TOLERANCE_MM = 0.5
@@ -212,29 +212,27 @@ def large_case(root, n_volumes, rng, **options):
     return bold_case(root, n_volumes, rng, 20.0, 30.0, **options)
 
 
-def set_finest_level(spacing_factor, smoothing):
-    """Replace the refinement's finest level (benchmark only: the sweep behind hmc.py's
-    FINEST_SPACING and FINEST_SMOOTHING)."""
-    from dataclasses import replace
-
+def edit_refinement_levels(edit):
+    """Replace hmc's refinement levels (with and without the shape channel) by ``edit(levels)``
+    (benchmark only)."""
     from unimo_bids.unimo import hmc
 
     for name in ("IMAGE_SHAPE_LEVELS", "IMAGE_LEVELS"):
-        levels = getattr(hmc, name)
-        setattr(hmc, name, levels[:-1] + (replace(levels[-1], spacing_factor=spacing_factor,
-                                                  smoothing=smoothing, min_points=0),))
+        setattr(hmc, name, edit(getattr(hmc, name)))
+
+
+def set_finest_level(spacing_factor, smoothing):
+    """Replace the refinement's finest level (the sweep behind hmc.py's FINEST_SPACING and
+    FINEST_SMOOTHING)."""
+    edit_refinement_levels(lambda levels: levels[:-1] + (replace(
+        levels[-1], spacing_factor=spacing_factor, smoothing=smoothing, min_points=0),))
 
 
 def set_level_tolerances(tolerances):
-    """Replace the refinement's per-level stopping tolerances (mm), coarse to fine (benchmark
-    only: the comparison behind hmc.py's LEVEL_TOLERANCES_MM)."""
-    from dataclasses import replace
-
-    from unimo_bids.unimo import hmc
-
-    for name in ("IMAGE_SHAPE_LEVELS", "IMAGE_LEVELS"):
-        setattr(hmc, name, tuple(replace(level, tolerance=tolerance) for level, tolerance
-                                 in zip(getattr(hmc, name), tolerances)))
+    """Replace the refinement's per-level stopping tolerances (mm), coarse to fine (the
+    comparison behind hmc.py's LEVEL_TOLERANCES_MM)."""
+    edit_refinement_levels(lambda levels: tuple(
+        replace(level, tolerance=tolerance) for level, tolerance in zip(levels, tolerances)))
 
 
 def any_rotation_case(root, n_volumes, rng, voxel_mm=4.0, size=60, max_mm=10.0):
@@ -440,10 +438,11 @@ NETWORK_METHODS = ("unimo", "unimo-no-refine", "unimo-tracked")
 
 
 def load_tracking_segmenter(args):
-    """The segmenter of the moving-anatomy rows (None: classical masks), loaded untimed."""
-    if args.seg_model == "classical" or "unimo-tracked" not in args.methods:
+    """The segmenter of the moving-anatomy rows, chosen by ``--seg-model`` as the app's
+    ``--moving-anatomy`` chooses it (None: classical masks); loaded untimed."""
+    path = seg_model_path(argparse.Namespace(seg_model=args.seg_model, moving_anatomy=True))
+    if path is None or "unimo-tracked" not in args.methods:
         return None
-    path = PACKAGED_SEGMENTER if args.seg_model == "auto" else Path(args.seg_model)
     return load_segmenter(path, args.device)[0]
 
 
@@ -586,8 +585,8 @@ def parse_args(argv):
                              "volume for its shape maps (an oracle segmentation)")
     parser.add_argument("--seg-model", default="auto", metavar="PATH",
                         help="masks of the moving-anatomy rows, as the app's --seg-model: "
-                             "'auto' (default) the packaged segmenter, 'classical', or a "
-                             "segmenter file")
+                             "'auto' (default) or 'packaged' the packaged segmenter, "
+                             "'classical', or a segmenter file")
     parser.add_argument("--fetal-run", type=int, choices=(1, 2), default=1,
                         help="fetal-like regime: the real stack to move (1; 2 is the one the "
                              "packaged segmenter's training held out)")

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_DATA, blur_to_psf, command_line, machine_line, \
     markdown_table  # noqa: E402
-from hmc_accuracy import PACKAGED_SEGMENTER, cubic_grid, load_scaled, with_noise  # noqa: E402
+from hmc_accuracy import cubic_grid, load_scaled, with_noise  # noqa: E402
 
 from unimo_bids.unimo import segnet  # noqa: E402
 from unimo_bids.unimo.geometry import world_points  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("UNIMO_TEST_DATA", DEFAULT_DATA)))
-    parser.add_argument("--seg-model", type=Path, default=PACKAGED_SEGMENTER)
+    parser.add_argument("--seg-model", type=Path, default=segnet.PACKAGED_SEGMENTER)
     parser.add_argument("--crop-to-signal", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

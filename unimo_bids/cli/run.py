@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from .parser import DEFAULT_FD_SPIKE_THRESHOLD, UsageError, build_parser, read_option_file
+from .worker_signals import NIPYPE_LEVEL_VARIABLE, set_nipype_log_level
 
 LOGGER = logging.getLogger("unimo_bids")
 
@@ -46,14 +47,10 @@ def _setup_logging(verbosity: int) -> None:
     LOGGER.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
     if verbosity == 0:
         warnings.filterwarnings("ignore")
-    from nipype import config, logging as nlogging
-
     # nipype's own tracebacks go to crash files; the summary below names each failure.
     level = {0: "CRITICAL", 1: "INFO"}.get(verbosity, "DEBUG")
-    os.environ["UNIMO_BIDS_NIPYPE_LOG_LEVEL"] = level  # for the workers (cli.worker_signals)
-    config.update_config({"logging": {"workflow_level": level, "interface_level": level,
-                                      "utils_level": level}})
-    nlogging.update_logging(config)
+    os.environ[NIPYPE_LEVEL_VARIABLE] = level  # for the MultiProc workers
+    set_nipype_log_level(level)
 
 
 def check_weights(path, device: str) -> None:

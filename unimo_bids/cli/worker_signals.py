@@ -9,13 +9,27 @@ the preload). The server also exits without a traceback when the main process is
 The workers are forked from the server, not from the main process, so they would log at
 nipype's default level (INFO: every node's set-up, execution and end, across the progress
 bar) whatever ``-v`` asked for; the server applies the level the main process chose
-(``UNIMO_BIDS_NIPYPE_LOG_LEVEL``). Imported anywhere else, this module does nothing.
+(``UNIMO_BIDS_NIPYPE_LOG_LEVEL``) with :func:`set_nipype_log_level`, which the main process
+uses too. Imported anywhere else, this module only defines that function.
 """
 
 import errno
 import os
 import signal
 import sys
+
+NIPYPE_LEVEL_VARIABLE = "UNIMO_BIDS_NIPYPE_LOG_LEVEL"
+
+
+def set_nipype_log_level(level: str) -> None:
+    """nipype's workflow, interface and utils loggers at ``level`` (e.g. "INFO")."""
+    from nipype import config
+    from nipype import logging as nipype_logging
+
+    config.update_config({"logging": {"workflow_level": level, "interface_level": level,
+                                      "utils_level": level}})
+    nipype_logging.update_logging(config)
+
 
 if os.environ.get("UNIMO_BIDS_FORKSERVER") == "1":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -33,12 +47,5 @@ if os.environ.get("UNIMO_BIDS_FORKSERVER") == "1":
 
     sys.excepthook = _quiet_when_the_main_process_is_gone
 
-    _NIPYPE_LEVEL = os.environ.get("UNIMO_BIDS_NIPYPE_LOG_LEVEL")
-    if _NIPYPE_LEVEL:
-        from nipype import config as _config
-        from nipype import logging as _nipype_logging
-
-        _config.update_config({"logging": {"workflow_level": _NIPYPE_LEVEL,
-                                           "interface_level": _NIPYPE_LEVEL,
-                                           "utils_level": _NIPYPE_LEVEL}})
-        _nipype_logging.update_logging(_config)
+    if os.environ.get(NIPYPE_LEVEL_VARIABLE):
+        set_nipype_log_level(os.environ[NIPYPE_LEVEL_VARIABLE])

@@ -43,11 +43,12 @@ def series_outputs(suffix: str = "bold") -> dict[str, tuple[str, str]]:
 # moving-anatomy mode (the reference mask carried by each volume's transform).
 SEGMENTED_MASKS = {"desc-segmented_mask.nii.gz": ("segment", "out_masks")}
 TRACKED_OUTPUTS = {"desc-tracked_mask.nii.gz": ("unimo_rigid", "out_masks")}
+# Their JSON sidecars, by output.
 VOLUME_MASK_SIDECARS = {
-    "desc-segmented_mask.json": {
+    "desc-segmented_mask.nii.gz": {
         "Type": "Brain", "Description": "4D: the brain mask of each volume, segmented on its own "
                                         "(before motion correction, in the volume's position)"},
-    "desc-tracked_mask.json": {
+    "desc-tracked_mask.nii.gz": {
         "Type": "Brain", "Description": "4D: the reference brain mask carried to each volume by "
                                         "its estimated transform (moving-anatomy mode)"},
 }
@@ -328,8 +329,8 @@ volume ({ref}). {masks}{network}{refinement}
                                         "PhaseEncodingDirection", "TotalReadoutTime")}
 
     volume_masks = volume_mask_outputs(moving_anatomy) if write_volume_masks else {}
-    mask_sidecars = [name.replace(".nii.gz", ".json") for name in volume_masks]
-    sidecar.inputs.extra = {name: VOLUME_MASK_SIDECARS[name] for name in mask_sidecars}
+    sidecar.inputs.extra = {name.replace(".nii.gz", ".json"): VOLUME_MASK_SIDECARS[name]
+                            for name in volume_masks}
     outputs = dict(series_outputs(suffix), **volume_masks,
                    **(deform_outputs(suffix) if deformable else {}),
                    **(GRADIENT_OUTPUTS if gradients else {}))
